@@ -1,0 +1,50 @@
+"""Build a LLaVA from real SmolLM2-135M (language) + a small random CLIP tower + projector.
+
+No package ships CLIP weights, so the vision side is random but structurally real; the language
+side, tokenizer and chat template are real. The result is an ordinary transformers folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+IMAGE_TOKEN = "<image>"
+
+
+def build_llava(text_dir, out_dir, image_size: int = 224, patch_size: int = 32, vision_hidden: int = 256,
+                vision_layers: int = 4, seed: int = 0) -> Path:
+    """Write ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``out_dir`` and return it.
+
+    ``<image>`` is added to the tokenizer as the image placeholder (a special, input-only token);
+    that addition is a graft like any other and is recorded in ``tokengraft.json``."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+
+    from ..graft import graft
+    from ..io import save_folder
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(text_dir)
+    lm = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
+    vcfg = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4,
+                            num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                            patch_size=patch_size)
+    n_patches = (image_size // patch_size) ** 2
+    cfg = LlavaConfig(text_config=lm.config, vision_config=vcfg, image_token_id=0,  # fixed below
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      image_seq_length=n_patches, tie_word_embeddings=lm.config.tie_word_embeddings)
+    model = LlavaForConditionalGeneration(cfg)
+    missing, unexpected = model.model.language_model.load_state_dict(lm.model.state_dict(), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    if not lm.config.tie_word_embeddings:
+        model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.generation_config = lm.generation_config
+    manifest = graft(model, tok, [{"content": IMAGE_TOKEN, "role": "input", "init": "mean"}],
+                     log=lambda *a: None)
+    model.config.image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    improc = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=patch_size,
+                               vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                               num_additional_image_tokens=1, chat_template=tok.chat_template)
+    return save_folder(out_dir, model, tok, manifest, processor=processor)

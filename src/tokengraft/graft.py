@@ -1,0 +1,301 @@
+"""Graft new tokens onto a tokenizer + model: add, resize (never shrink), initialize, record.
+
+``graft(model, tokenizer, tokens)`` works in memory on any transformers causal LM or LLaVA and
+returns the updated :class:`~tokengraft.manifest.Manifest`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import init as I
+from .manifest import ROLES, AddedToken, Manifest
+from .vocab import fingerprint, vocab_of
+
+KL_BUDGET = 1e-7  # nats per position that tied-head ``auto`` may spend on being semantic
+
+
+class GraftError(ValueError):
+    pass
+
+
+@dataclass
+class TokenSpec:
+    content: str
+    special: bool = True
+    role: str = "generate"
+    init: str = "auto"
+    description: str | None = None
+    stop: bool = False
+
+
+def parse_tokens(tokens=None, tokens_file: str | None = None) -> list[TokenSpec]:
+    """Tokens from a comma-separated string, a list (of strings, dicts or TokenSpec), and/or a
+    YAML/JSON tokens file. Empty, whitespace-only and duplicate tokens are errors."""
+    items: list = []
+    if isinstance(tokens, str):
+        items += [t for t in tokens.split(",")] if tokens else []
+    elif tokens:
+        items += list(tokens)
+    if tokens_file:
+        items += _read_tokens_file(tokens_file)
+    specs = []
+    for i, it in enumerate(items):
+        if isinstance(it, TokenSpec):
+            spec = it
+        elif isinstance(it, str):
+            spec = TokenSpec(it.strip() if it.strip() else it)
+        elif isinstance(it, dict):
+            unknown = set(it) - set(TokenSpec.__dataclass_fields__)
+            if unknown or "content" not in it:
+                raise GraftError(f"token entry {i}: expected keys content[, description, role, special, init, stop], "
+                                 f"got {sorted(it)}")
+            spec = TokenSpec(**it)
+        else:
+            raise GraftError(f"token entry {i}: expected a string or a mapping, got {type(it).__name__}")
+        if not isinstance(spec.content, str) or not spec.content.strip():
+            raise GraftError(f"token entry {i}: empty or whitespace-only token {spec.content!r}; remove it")
+        if spec.role not in ROLES:
+            raise GraftError(f"token {spec.content!r}: role {spec.role!r} is not one of {ROLES}")
+        method = spec.init.split(":", 1)[0]
+        if method not in I.METHODS:
+            raise GraftError(f"token {spec.content!r}: init {spec.init!r} is not one of {I.METHODS} (copy as copy:TOKEN)")
+        if method == "describe" and not spec.description:
+            raise GraftError(f"token {spec.content!r}: init 'describe' needs a description in the tokens file")
+        specs.append(spec)
+    seen = set()
+    for s in specs:
+        if s.content in seen:
+            raise GraftError(f"token {s.content!r} is listed twice; list each token once")
+        seen.add(s.content)
+    return specs
+
+
+def _read_tokens_file(path: str) -> list:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GraftError(f"{p}: cannot read tokens file ({e.strerror})") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml and json errors differ; both mean the same to the user
+        raise GraftError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({e})") from None
+    if isinstance(data, dict) and "tokens" in data:
+        data = data["tokens"]
+    if not isinstance(data, list):
+        raise GraftError(f"{p}: expected a list of tokens (or a mapping with key 'tokens')")
+    return data
+
+
+# -- model helpers ----------------------------------------------------------------------------
+
+def is_tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def rows_of(model) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def sync_config(model, rows: int, tied: bool) -> None:
+    """Every vocab_size field equals the rows; every tie flag equals reality."""
+    cfg = model.config
+    for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
+        if "vocab_size" in c.to_dict() or hasattr(c, "vocab_size"):
+            c.vocab_size = rows
+        c.tie_word_embeddings = tied
+
+
+def image_token_id(model) -> int | None:
+    cfg = model.config
+    for name in ("image_token_id", "image_token_index"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _pieces(tokenizer_before_vocab_change, text: str) -> list[int]:
+    return tokenizer_before_vocab_change(text, add_special_tokens=False)["input_ids"]
+
+
+# -- graft ------------------------------------------------------------------------------------
+
+def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_of: int = 64,
+          manifest: Manifest | None = None, processor=None, kl_budget: float = KL_BUDGET,
+          generation_config=None, log=print) -> Manifest:
+    """Add ``tokens`` to ``tokenizer`` and ``model`` in place; return the (updated) manifest.
+
+    ``tokens``: comma-separated string, list of strings/dicts/TokenSpec. ``init`` overrides each
+    token's init. Never shrinks; reuses padded rows; keeps tied/untied; syncs config vocab sizes.
+    """
+    specs = parse_tokens(tokens)
+    if init is not None:
+        for s in specs:
+            s.init = init
+        parse_tokens(specs)  # re-validate (describe needs descriptions)
+    if pad_to_multiple_of < 1:
+        raise GraftError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    tied = is_tied(model)
+    rows_before = rows_of(model)
+    vocab_before = vocab_of(tokenizer)
+    if len(vocab_before) > rows_before:
+        raise GraftError(f"the tokenizer has {len(vocab_before)} tokens but the model only {rows_before} rows; "
+                         f"they do not belong together (run `tokengraft doctor` on the folder)")
+    if manifest is None:
+        manifest = Manifest(base_fingerprint=fingerprint(vocab_before), base_size=len(vocab_before),
+                            rows=rows_before, tied=tied, pad_multiple=pad_to_multiple_of)
+    elif manifest.vocab_fingerprint and manifest.vocab_fingerprint != fingerprint(vocab_before):
+        raise GraftError("the tokenizer differs from the one the manifest records; "
+                         "was it edited by hand? run `tokengraft doctor` on the folder")
+
+    already = [s.content for s in specs if manifest.token(s.content)]
+    in_vocab = {s.content: tokenizer.convert_tokens_to_ids(s.content) for s in specs
+                if s.content not in already and s.content in tokenizer.get_vocab()}
+    todo = [s for s in specs if s.content not in already and s.content not in in_vocab]
+    if already:
+        log(f"already grafted (no-op): {', '.join(already)}")
+    if in_vocab:
+        log(f"already in the base vocabulary, not added: {', '.join(f'{k} (id {v})' for k, v in in_vocab.items())}")
+    if not todo:
+        manifest.vocab_fingerprint = fingerprint(vocab_before)
+        return manifest
+
+    from transformers import AddedToken as HFAddedToken
+
+    for s in todo:
+        tokenizer.add_tokens([HFAddedToken(s.content, special=s.special, normalized=False)],
+                             special_tokens=s.special)
+    vocab_after = vocab_of(tokenizer)
+    ids = {s.content: tokenizer.convert_tokens_to_ids(s.content) for s in todo}
+    for s in todo:
+        got = tokenizer(f"a{s.content}b {s.content}", add_special_tokens=False)["input_ids"]
+        if got.count(ids[s.content]) != 2:
+            raise GraftError(f"token {s.content!r} does not encode to its own id {ids[s.content]} in running text")
+
+    needed = len(vocab_after)
+    rows = rows_before
+    if needed > rows_before:
+        rows = math.ceil(needed / pad_to_multiple_of) * pad_to_multiple_of
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    if is_tied(model) != tied:
+        raise GraftError("resizing changed whether the head is tied; this model's resize is not supported")
+
+    created = list(range(rows_before, rows))  # rows that did not exist before
+    token_rows = sorted(ids.values())
+    _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created, tied, kl_budget, log)
+
+    sync_config(model, rows, tied)
+    img = image_token_id(model)
+    if img is not None and not (0 <= img < len(vocab_after)):
+        raise GraftError(f"image token id {img} is outside the tokenizer ({len(vocab_after)} tokens)")
+    gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    pad_rows = list(range(needed, rows))
+    if gen is not None:
+        keep = [t for t in (getattr(gen, "suppress_tokens", None) or []) if t < needed]
+        gen.suppress_tokens = sorted(set(keep) | set(pad_rows)) or None
+
+    for s in todo:
+        manifest.tokens.append(AddedToken(content=s.content, id=ids[s.content], special=s.special, role=s.role,
+                                          init=s._resolved, description=s.description, stop=s.stop))
+    manifest.rows, manifest.tied = rows, tied
+    manifest.vocab_fingerprint = fingerprint(vocab_after)
+    manifest.record("add", tokens=[s.content for s in todo], rows_before=rows_before, rows_after=rows,
+                    reused_padding_rows=[r for r in token_rows if r < rows_before],
+                    skipped_existing=sorted(in_vocab), already_grafted=already)
+    log(f"added {len(todo)} token(s) at ids {token_rows[0]}..{token_rows[-1]}; rows {rows_before} -> {rows}"
+        + (f" (padded to a multiple of {pad_to_multiple_of})" if rows != needed else ""))
+    return manifest
+
+
+@torch.no_grad()
+def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created, tied, kl_budget, log):
+    emb = model.get_input_embeddings().weight
+    head_mod = model.get_output_embeddings()
+    head = None if tied or head_mod is None else head_mod.weight
+    n_base = len(vocab_before)
+    in_mask = I.trained_mask(emb, n_base)
+    in_mean = I.mean_row(emb, in_mask)
+    out_mask = I.trained_mask(head, n_base) if head is not None else in_mask
+    out_mean = I.mean_row(head, out_mask) if head is not None else in_mean
+    gen = torch.Generator().manual_seed(0)
+
+    # rows created by the resize that no token uses: safe (mean) rows, suppressed in generation
+    token_rows = set(ids.values())
+    for r in created:
+        if r not in token_rows:
+            emb[r] = in_mean.to(emb.dtype)
+            if head is not None:
+                head[r] = out_mean.to(head.dtype)
+
+    def semantic(weight, spec, fallback):
+        method, _, arg = spec.init.partition(":")
+        if method == "copy":
+            src = tokenizer.convert_tokens_to_ids(arg)
+            if arg not in tokenizer.get_vocab() or src >= n_base:
+                raise GraftError(f"token {spec.content!r}: copy source {arg!r} is not in the base vocabulary")
+            return I.copy_row(weight, src)
+        if method == "describe" or (method == "auto" and spec.description):
+            text = spec.description
+        else:  # "<loc_17>" -> "loc_17": the markup pieces say little about the meaning
+            text = spec.content.strip("<>[]|/ ") or spec.content
+        pieces = [p for p in tokenizer(text, add_special_tokens=False)["input_ids"] if p < n_base]
+        return I.subword_row(weight, pieces, fallback)
+
+    blend_for_tied = []
+    for s in todo:
+        r = ids[s.content]
+        method = s.init.split(":", 1)[0]
+        if method == "mean":
+            vin, vout, name = in_mean, out_mean, "mean"
+        elif method == "hewitt":
+            vin = I.hewitt_rows(emb, in_mask, 1, generator=gen)[0]
+            vout = I.hewitt_rows(head, out_mask, 1, generator=gen)[0] if head is not None else vin
+            name = "hewitt"
+        elif method == "auto":
+            vin = semantic(emb, s, in_mean)
+            # output side: invisible (the mean) until training moves it; tied: calibrated blend below
+            vout = out_mean
+            name = ("describe" if s.description else "subword") + "/mean"
+            if tied:
+                blend_for_tied.append((s, r, vin))
+        else:  # subword, describe, copy: the same strategy on both sides
+            vin = semantic(emb, s, in_mean)
+            vout = semantic(head, s, out_mean) if head is not None else vin
+            name = s.init
+        s._resolved = name
+        emb[r] = vin.to(emb.dtype)
+        if head is not None:
+            head[r] = vout.to(head.dtype)
+
+    if blend_for_tied:
+        _calibrate_tied(model, tokenizer, emb, in_mean, blend_for_tied, rows_before, kl_budget, log)
+
+
+def _calibrate_tied(model, tokenizer, emb, mean, items, rows_before, kl_budget, log):
+    """Tied head: one row serves both sides. Blend semantic rows toward the mean just enough that
+    the new tokens, together, cost at most ``kl_budget`` nats per position on real text."""
+    from .probe import head_inputs, real_text
+
+    rows = torch.stack([v for _, _, v in items])
+    for _, r, _ in items:  # while probing, new rows are mean rows (their input side is never read)
+        emb[r] = mean.to(emb.dtype)
+    hidden = head_inputs(model, tokenizer, real_text())
+    base = emb[:rows_before].float()
+    lse = torch.logsumexp(hidden @ base.T, dim=1)
+    a, kl = I.calibrate_blend(hidden, lse, rows, mean.expand_as(rows), kl_budget)
+    for (s, r, v) in items:
+        emb[r] = (mean + a * (v - mean)).to(emb.dtype)
+        s._resolved = f"{s._resolved.split('/')[0]}x{a:.3g}+mean (tied)"
+    log(f"tied head: semantic rows blended at {a:.3g} toward the mean; KL on real text {kl:.2e} nats/token "
+        f"(budget {kl_budget:.0e})")

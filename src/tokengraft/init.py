@@ -1,0 +1,79 @@
+"""Row initializers: pure functions on tensors (torch only).
+
+Each returns new rows for one side (input embedding or output head). The model is unchanged on
+text without the new tokens when the *output* rows take (almost) no probability mass; the input
+rows are free to be semantic because text without the new tokens never looks them up.
+"""
+from __future__ import annotations
+
+import torch
+
+METHODS = ("auto", "mean", "hewitt", "subword", "describe", "copy")
+
+
+def trained_mask(weight: torch.Tensor, rows: int | None = None, rel: float = 0.05) -> torch.Tensor:
+    """Rows that look trained: norm above ``rel`` x the median norm (all-zero and near-zero rows,
+    such as Llama-3's reserved tokens, are left out). Only the first ``rows`` rows are candidates."""
+    n = weight.shape[0] if rows is None else rows
+    norms = weight[:n].float().norm(dim=1)
+    mask = torch.zeros(weight.shape[0], dtype=torch.bool)
+    mask[:n] = norms > rel * norms.median()
+    return mask
+
+
+def mean_row(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over trained rows (float32)."""
+    return weight[mask].float().mean(dim=0)
+
+
+def hewitt_rows(weight: torch.Tensor, mask: torch.Tensor, n: int, scale: float = 1e-5,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean plus noise shaped like the rows' covariance, scaled down (Hewitt, 2021)."""
+    w = weight[mask].float()
+    mu = w.mean(dim=0)
+    centered = w - mu
+    # Sample through the data (w^T z / sqrt(N)) instead of factoring a d x d covariance.
+    z = torch.randn(n, w.shape[0], generator=generator) / (w.shape[0] ** 0.5)
+    return mu + (scale ** 0.5) * (z @ centered)
+
+
+def subword_row(weight: torch.Tensor, piece_ids: list[int], fallback: torch.Tensor) -> torch.Tensor:
+    """The mean of the rows of the pieces the base tokenizer splits a string into."""
+    ids = [i for i in piece_ids if 0 <= i < weight.shape[0]]
+    return weight[ids].float().mean(dim=0) if ids else fallback.clone()
+
+
+def copy_row(weight: torch.Tensor, row: int) -> torch.Tensor:
+    return weight[row].float().clone()
+
+
+def kl_of_added(hidden: torch.Tensor, base_lse: torch.Tensor, rows: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact KL(base || grafted) per position when ``rows`` join the output head.
+
+    Adding logits ``z_j`` to a softmax scales every base probability by Z / (Z + sum exp z_j), so
+    KL = log(1 + sum_j exp(z_j - lse_base)). ``hidden``: positions x d (the head's input)."""
+    z = hidden.float() @ rows.float().T
+    if bias is not None:
+        z = z + bias.float()
+    return torch.log1p(torch.exp(z - base_lse[:, None]).sum(dim=1))
+
+
+def calibrate_blend(hidden: torch.Tensor, base_lse: torch.Tensor, semantic: torch.Tensor,
+                    invisible: torch.Tensor, budget: float, steps: int = 24) -> tuple[float, float]:
+    """Largest ``a`` in [0, 1] with mean KL of ``invisible + a (semantic - invisible)`` <= budget.
+
+    For tied heads, where one row serves both sides: as semantic as the invisibility budget allows.
+    Returns (a, mean KL at a)."""
+    def kl(a: float) -> float:
+        return float(kl_of_added(hidden, base_lse, invisible + a * (semantic - invisible)).mean())
+
+    if kl(1.0) <= budget:
+        return 1.0, kl(1.0)
+    lo, hi = 0.0, 1.0
+    if kl(0.0) > budget:
+        return 0.0, kl(0.0)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kl(mid) <= budget else (lo, mid)
+    return lo, kl(lo)

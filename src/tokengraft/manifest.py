@@ -1,0 +1,106 @@
+"""The manifest (``tokengraft.json``): what vocabulary change was made, recorded with every artifact.
+
+Pure data, JSON in and out. Depends on nothing but the standard library.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+FILENAME = "tokengraft.json"
+ROLES = ("generate", "input")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class AddedToken:
+    content: str
+    id: int
+    special: bool = True
+    role: str = "generate"  # "generate": the model emits it; "input": a placeholder never generated
+    init: str = "auto"  # the strategy that initialized it, input side / output side ("subword/mean")
+    description: str | None = None
+    stop: bool = False  # generation stops at it (export adds it to eos_token_id)
+
+
+@dataclass
+class Manifest:
+    base_fingerprint: str
+    base_size: int
+    rows: int
+    tied: bool
+    pad_multiple: int = 64
+    tokens: list[AddedToken] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    vocab_fingerprint: str | None = None  # fingerprint of the tokenizer after the last change
+    schema_version: int = SCHEMA_VERSION
+
+    # -- queries ------------------------------------------------------------------------------
+    def token(self, content: str) -> AddedToken | None:
+        return next((t for t in self.tokens if t.content == content), None)
+
+    @property
+    def contents(self) -> list[str]:
+        return [t.content for t in self.tokens]
+
+    def record(self, op: str, **details) -> None:
+        from . import __version__
+
+        self.history.append({"op": op, "tool": f"tokengraft {__version__}",
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details})
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
+        v = d.get("schema_version")
+        if not isinstance(v, int):
+            raise ManifestError(f"{where}: no integer 'schema_version'; is this a tokengraft.json?")
+        if v > SCHEMA_VERSION:
+            raise ManifestError(f"{where}: schema version {v} is newer than this tokengraft understands "
+                                f"({SCHEMA_VERSION}); upgrade tokengraft (pip install -U tokengraft)")
+        try:
+            toks = [AddedToken(**t) for t in d.get("tokens", [])]
+            rest = {k: d[k] for k in ("base_fingerprint", "base_size", "rows", "tied")}
+        except (TypeError, KeyError) as e:
+            raise ManifestError(f"{where}: malformed manifest ({e})") from None
+        for t in toks:
+            if t.role not in ROLES:
+                raise ManifestError(f"{where}: token {t.content!r} has role {t.role!r}, expected one of {ROLES}")
+        return cls(**rest, pad_multiple=d.get("pad_multiple", 64), tokens=toks,
+                   history=list(d.get("history", [])), vocab_fingerprint=d.get("vocab_fingerprint"),
+                   schema_version=v)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / FILENAME
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        p = Path(path)
+        if p.is_dir():
+            p = p / FILENAME
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ManifestError(f"{p}: no manifest here; create one with `tokengraft add`") from None
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        return cls.from_dict(d, where=str(p))
+
+    @classmethod
+    def find(cls, folder: str | os.PathLike) -> "Manifest | None":
+        p = Path(folder) / FILENAME
+        return cls.load(p) if p.is_file() else None
