@@ -1,0 +1,69 @@
+"""The `tokengraft` command: thin. Each subcommand lives in ``tokengraft/commands/<name>.py`` with
+``register(subparsers)`` (its --help) and ``run(args) -> int``; no logic lives here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {  # subcommand -> module under tokengraft.commands
+    "add": "add",
+    "doctor": "doctor",
+    "convert": "convert",
+    "train": "train",
+    "export": "export",
+    "import-xtuner": "import_xtuner",
+    "demo": "demo",
+}
+
+
+class Error(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="tokengraft",
+        description="Add special tokens to LLaVA-style and causal language models, and carry "
+                    "checkpoints across vocabulary changes by token identity.",
+        epilog="Run `tokengraft COMMAND --help` for each command. Docs: docs/ in the source tree.")
+    p.add_argument("--version", action="version", version=f"tokengraft {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in COMMANDS.items():
+        try:
+            m = importlib.import_module(f".commands.{mod}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.endswith(f"commands.{mod}"):
+                continue  # not built yet
+            raise
+        sp = m.register(sub, name)
+        sp.set_defaults(_run=m.run)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("tokengraft: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (Error, ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _ours(e):
+            raise
+        print(f"tokengraft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _ours(e: BaseException) -> bool:
+    return type(e).__module__.startswith("tokengraft")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

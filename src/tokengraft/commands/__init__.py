@@ -1,0 +1,1 @@
+"""One module per `tokengraft` subcommand: ``register(subparsers, name)`` and ``run(args)``."""
