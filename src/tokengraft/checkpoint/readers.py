@@ -1,0 +1,334 @@
+"""Lazy, safe readers for every checkpoint format users have.
+
+``open_checkpoint(path)`` recognizes the format and returns a :class:`Checkpoint` that lists keys,
+shapes and dtypes without reading tensor data, and reads tensors (or whole files) on demand.
+``read_state_dict(path)`` is the eager shortcut: every tensor plus an info record.
+
+Formats: Hugging Face folders (single or sharded safetensors with index, ``.bin`` likewise), single
+``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` files, XTuner/mmengine ``iter_N.pth`` files (a dict
+with ``state_dict`` and ``optimizer``), XTuner DeepSpeed folders (``mp_rank_00_model_states.pt``
+holding ``module``; ZeRO-3 shards through DeepSpeed's own consolidation), PEFT adapter folders.
+No code from any file runs: safetensors, or :func:`safe_pickle.safe_load`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..manifest import FILENAME as MANIFEST_FILE
+from ..manifest import Manifest
+from .safe_pickle import UnsafeCheckpointError, placeholders_in, safe_load
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as it is: says what is wrong, where, and what to do."""
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tekken.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is, beside its tensors."""
+
+    path: Path
+    format: str  # hf-folder | safetensors | torch | mmengine | deepspeed | peft
+    files: dict[str, list[str]] = field(default_factory=dict)  # file (relative to root) -> its keys
+    root: Path | None = None  # folder the files live in
+    config: dict | None = None  # config.json of an HF folder
+    adapter_config: dict | None = None  # adapter_config.json of a PEFT folder
+    optimizer: dict | None = None  # a torch optimizer state_dict (mmengine / DeepSpeed, when present)
+    tokenizer_dir: Path | None = None  # a folder holding the checkpoint's own tokenizer
+    manifest: Manifest | None = None  # the checkpoint's own tokengraft.json
+    container: dict | None = None  # the unpickled top-level dict (mmengine / DeepSpeed), tensors lazy
+    state_key: str | None = None  # where the state dict sits in ``container``
+    inert: list[str] = field(default_factory=list)  # globals turned into placeholders while reading
+    notes: list[str] = field(default_factory=list)
+
+
+# -- safetensors ----------------------------------------------------------------------------------
+
+def safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header; a short or corrupt file raises CheckpointError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); "
+                                      f"re-download or re-save it")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, "
+                                      f"file has {size}); re-download or re-save it")
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); re-download or re-save it") from None
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not isinstance(v, dict) or "data_offsets" not in v or "dtype" not in v:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry {k!r}")
+        if SAFETENSORS_DTYPES.get(v["dtype"]) is None:
+            raise CheckpointError(f"{path}: tensor {k!r} has dtype {v['dtype']}, which tokengraft does not read")
+        end = max(end, v["data_offsets"][1])
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file: header describes {8 + n + end} bytes, "
+                              f"file has {size}; re-download or re-save it")
+    return header
+
+
+# -- the lazy checkpoint ---------------------------------------------------------------------------
+
+class Checkpoint:
+    """Keys, shapes and dtypes up front; tensor data on demand."""
+
+    def __init__(self, info: CheckpointInfo, meta: dict[str, tuple[tuple[int, ...], torch.dtype, str]],
+                 eager: dict[str, torch.Tensor] | None = None):
+        self.info = info
+        self._meta = meta  # key -> (shape, dtype, file)
+        self._eager = eager  # pickle formats: tensors already mapped (lazily, copy-on-write)
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def file_of(self, key: str) -> str:
+        return self._meta[key][2]
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._eager is not None:
+            return self._eager[key]
+        from safetensors import safe_open
+
+        path = self.info.root / self.file_of(key)
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def read_file(self, file: str) -> dict[str, torch.Tensor]:
+        """Every tensor of one file (one shard)."""
+        keys = self.info.files[file]
+        if self._eager is not None:
+            return {k: self._eager[k] for k in keys}
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.info.root / file), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except Exception as e:  # SafetensorError is not importable under one stable name
+            raise CheckpointError(f"{self.info.root / file}: cannot read tensors ({e})") from None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in self.info.files:
+            out.update(self.read_file(f))
+        return out
+
+
+def read_state_dict(path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Every tensor of a checkpoint in any supported format, and what else it holds."""
+    ck = open_checkpoint(path)
+    return ck.state_dict(), ck.info
+
+
+def open_checkpoint(path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _open_folder(path)
+    return _open_file(path, root=path.parent, info=None)
+
+
+def _tokenizer_dir(folder: Path) -> Path | None:
+    return folder if any((folder / f).is_file() for f in TOKENIZER_FILES) else None
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _open_folder(folder: Path) -> Checkpoint:
+    info = CheckpointInfo(path=folder, format="hf-folder", root=folder, tokenizer_dir=_tokenizer_dir(folder))
+    if (folder / MANIFEST_FILE).is_file():
+        info.manifest = Manifest.load(folder / MANIFEST_FILE)
+    if (folder / "config.json").is_file():
+        info.config = _read_json(folder / "config.json")
+
+    if (folder / "adapter_config.json").is_file():
+        info.format = "peft"
+        info.adapter_config = _read_json(folder / "adapter_config.json")
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            if (folder / name).is_file():
+                return _open_files(info, [name])
+        raise CheckpointError(f"{folder}: PEFT adapter folder without adapter_model.safetensors or .bin")
+
+    if (folder / "mp_rank_00_model_states.pt").is_file():
+        return _open_deepspeed(folder, info)
+    latest = folder / "latest"
+    if latest.is_file():  # DeepSpeed's own layout: latest -> global_stepN/
+        sub = folder / latest.read_text().strip()
+        if (sub / "mp_rank_00_model_states.pt").is_file():
+            return _open_deepspeed(sub, info)
+
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).is_file():
+            idx = _read_json(folder / index_name)
+            wm = idx.get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(f"{folder / index_name}: no 'weight_map'; the index is corrupt")
+            files = sorted(set(wm.values()))
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{folder / index_name}: points at missing shard(s) {', '.join(missing)}; "
+                                      f"the download is incomplete")
+            ck = _open_files(info, files)
+            not_found = [k for k in wm if k not in ck._meta]
+            if not_found:
+                raise CheckpointError(f"{folder / index_name}: {len(not_found)} key(s) listed in the index are not "
+                                      f"in their shards (first: {not_found[0]!r}); the checkpoint is corrupt")
+            return ck
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return _open_files(info, [single])
+    sts = sorted(p.name for p in folder.glob("*.safetensors"))
+    if sts:
+        return _open_files(info, sts)
+    raise CheckpointError(f"{folder}: no model weights found (expected model.safetensors, a sharded index, "
+                          f"pytorch_model.bin, mp_rank_00_model_states.pt or an adapter folder)")
+
+
+def _open_files(info: CheckpointInfo, files: list[str]) -> Checkpoint:
+    """A folder's weight files: all safetensors (lazy) or all pickles (mapped)."""
+    meta: dict = {}
+    if all(f.endswith(".safetensors") for f in files):
+        for f in files:
+            header = safetensors_header(info.root / f)
+            keys = [k for k in header if k != "__metadata__"]
+            for k in keys:
+                if k in meta:
+                    raise CheckpointError(f"{info.root}: key {k!r} is in both {meta[k][2]} and {f}")
+                meta[k] = (tuple(header[k]["shape"]), SAFETENSORS_DTYPES[header[k]["dtype"]], f)
+            info.files[f] = keys
+        return Checkpoint(info, meta)
+    eager: dict = {}
+    for f in files:
+        sd = _tensors_of(safe_load(info.root / f), info.root / f, info)
+        info.files[f] = list(sd)
+        for k, t in sd.items():
+            meta[k] = (tuple(t.shape), t.dtype, f)
+        eager.update(sd)
+    return Checkpoint(info, meta, eager)
+
+
+def _open_file(path: Path, root: Path, info: CheckpointInfo | None) -> Checkpoint:
+    info = info or CheckpointInfo(path=path, format="safetensors", root=root)
+    if path.suffix == ".safetensors":
+        return _open_files(info, [path.name])
+    obj = safe_load(path)
+    info.format = "torch"
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        info.format, info.state_key = "mmengine", "state_dict"
+    elif isinstance(obj, dict) and isinstance(obj.get("module"), dict):
+        info.format, info.state_key = "deepspeed", "module"
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict) and _all_tensors(obj["model"]):
+        info.state_key = "model"
+    if info.state_key:
+        info.container = obj
+        opt = obj.get("optimizer")
+        if isinstance(opt, dict) and isinstance(opt.get("state"), dict):
+            info.optimizer = opt
+    sd = _tensors_of(obj, path, info)
+    info.files[path.name] = list(sd)
+    meta = {k: (tuple(t.shape), t.dtype, path.name) for k, t in sd.items()}
+    return Checkpoint(info, meta, sd)
+
+
+def _all_tensors(d: dict) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _tensors_of(obj, path: Path, info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    sd = obj[info.state_key] if info.state_key else obj
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    inert = placeholders_in(obj)
+    info.inert += [n for n in inert if n not in info.inert]
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    others = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not tensors:
+        top = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: found no tensors (top-level keys: {top}); expected a state dict, "
+                              f"an mmengine dict with 'state_dict' or a DeepSpeed dict with 'module'")
+    if others:
+        info.notes.append(f"{path.name}: skipped {len(others)} non-tensor entr{'y' if len(others) == 1 else 'ies'} "
+                          f"in the state dict (first: {others[0]!r})")
+    return tensors
+
+
+# -- DeepSpeed ---------------------------------------------------------------------------------------
+
+def _open_deepspeed(folder: Path, info: CheckpointInfo) -> Checkpoint:
+    info.format, info.root = "deepspeed", folder
+    model_file = folder / "mp_rank_00_model_states.pt"
+    obj = safe_load(model_file)
+    if not isinstance(obj, dict) or not isinstance(obj.get("module"), dict):
+        raise CheckpointError(f"{model_file}: expected a dict with 'module' (DeepSpeed model states)")
+    module = obj["module"]
+    zero_shards = sorted(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+    partitioned = not module or any(isinstance(v, torch.Tensor) and v.numel() == 0 for v in module.values())
+    if partitioned and zero_shards:
+        return _consolidate_zero(folder, info, zero_shards)
+    info.container, info.state_key = obj, "module"
+    sd = _tensors_of(obj, model_file, info)
+    rel = model_file.name
+    info.files[rel] = list(sd)
+    if zero_shards:
+        info.notes.append(f"{folder.name}: {len(zero_shards)} ZeRO optimizer shard(s) not read (weights come from "
+                          f"{rel}; resuming the optimizer needs DeepSpeed itself)")
+    return Checkpoint(info, {k: (tuple(t.shape), t.dtype, rel) for k, t in sd.items()}, sd)
+
+
+def _consolidate_zero(folder: Path, info: CheckpointInfo, shards) -> Checkpoint:
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise CheckpointError(
+            f"{folder}: ZeRO-3 checkpoint ({len(shards)} optimizer shard(s)); its weights live in the shards and "
+            f"only DeepSpeed can consolidate them. Install it (pip install deepspeed) and rerun, or run "
+            f"DeepSpeed's zero_to_fp32.py on the folder and convert the result") from None
+    # DeepSpeed's utility unpickles its own shards; we only call it when the user has DeepSpeed
+    # installed, i.e. trusts it, and we say so in the report.
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    info.notes.append(f"{folder.name}: ZeRO shards consolidated to fp32 by DeepSpeed's zero_to_fp32 "
+                      f"(DeepSpeed unpickles its own shard files)")
+    rel = "consolidated"
+    info.files[rel] = list(sd)
+    return Checkpoint(info, {k: (tuple(t.shape), t.dtype, rel) for k, t in sd.items()}, dict(sd))
+
+
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "UnsafeCheckpointError", "open_checkpoint",
+           "read_state_dict", "safe_load", "safetensors_header"]
