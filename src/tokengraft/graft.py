@@ -6,6 +6,7 @@ returns the updated :class:`~tokengraft.manifest.Manifest`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from . import init as I
 from .manifest import ROLES, AddedToken, Manifest
 from .vocab import fingerprint, vocab_of
 
-KL_BUDGET = 1e-7  # nats per position that tied-head ``auto`` may spend on being semantic
+logger = logging.getLogger("tokengraft")
+KL_BUDGET = 5e-7  # nats per position the new rows may cost on real text (tied `auto`: spent on semantics)
 
 
 class GraftError(ValueError):
@@ -133,12 +135,13 @@ def _pieces(tokenizer_before_vocab_change, text: str) -> list[int]:
 
 def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_of: int = 64,
           manifest: Manifest | None = None, processor=None, kl_budget: float = KL_BUDGET,
-          generation_config=None, log=print) -> Manifest:
+          generation_config=None, log=None) -> Manifest:
     """Add ``tokens`` to ``tokenizer`` and ``model`` in place; return the (updated) manifest.
 
     ``tokens``: comma-separated string, list of strings/dicts/TokenSpec. ``init`` overrides each
     token's init. Never shrinks; reuses padded rows; keeps tied/untied; syncs config vocab sizes.
     """
+    log = log or logger.info
     specs = parse_tokens(tokens)
     if init is not None:
         for s in specs:
@@ -213,8 +216,9 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
     manifest.record("add", tokens=[s.content for s in todo], rows_before=rows_before, rows_after=rows,
                     reused_padding_rows=[r for r in token_rows if r < rows_before],
                     skipped_existing=sorted(in_vocab), already_grafted=already)
-    log(f"added {len(todo)} token(s) at ids {token_rows[0]}..{token_rows[-1]}; rows {rows_before} -> {rows}"
-        + (f" (padded to a multiple of {pad_to_multiple_of})" if rows != needed else ""))
+    how = (f"rows {rows_before} -> {rows}" + (f" (padded to a multiple of {pad_to_multiple_of})" if rows != needed else "")
+           if rows != rows_before else f"reused free padding rows, no resize ({rows} rows)")
+    log(f"added {len(todo)} token(s) at ids {token_rows[0]}..{token_rows[-1]}; {how}")
     return manifest
 
 
@@ -223,20 +227,25 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
     emb = model.get_input_embeddings().weight
     head_mod = model.get_output_embeddings()
     head = None if tied or head_mod is None else head_mod.weight
+    out_w = emb if head is None else head  # the head's weight, tied or not
     n_base = len(vocab_before)
     in_mask = I.trained_mask(emb, n_base)
     in_mean = I.mean_row(emb, in_mask)
-    out_mask = I.trained_mask(head, n_base) if head is not None else in_mask
-    out_mean = I.mean_row(head, out_mask) if head is not None else in_mean
+    out_mean = I.mean_row(out_w, I.trained_mask(out_w, n_base))
     gen = torch.Generator().manual_seed(0)
+    probe = _Probe(model, tokenizer, out_w, n_base)
 
-    # rows created by the resize that no token uses: safe (mean) rows, suppressed in generation
+    # Rows the resize created that no token uses: they can never be generated (suppress_tokens),
+    # and must not take mass from real text either. The least probable base token's output row is
+    # measured ~1000x quieter than the mean row on held-out text (docs/add.md).
     token_rows = set(ids.values())
-    for r in created:
-        if r not in token_rows:
-            emb[r] = in_mean.to(emb.dtype)
+    padding = [r for r in created if r not in token_rows]
+    if padding:
+        quiet = probe.quietest_row() if probe.available else out_mean
+        for r in padding:
+            emb[r] = (quiet if tied else in_mean).to(emb.dtype)
             if head is not None:
-                head[r] = out_mean.to(head.dtype)
+                head[r] = quiet.to(head.dtype)
 
     def semantic(weight, spec, fallback):
         method, _, arg = spec.init.partition(":")
@@ -260,12 +269,12 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
             vin, vout, name = in_mean, out_mean, "mean"
         elif method == "hewitt":
             vin = I.hewitt_rows(emb, in_mask, 1, generator=gen)[0]
-            vout = I.hewitt_rows(head, out_mask, 1, generator=gen)[0] if head is not None else vin
+            vout = I.hewitt_rows(head, I.trained_mask(head, n_base), 1, generator=gen)[0] if head is not None else vin
             name = "hewitt"
         elif method == "auto":
-            vin = semantic(emb, s, in_mean)
-            # output side: invisible (the mean) until training moves it; tied: calibrated blend below
-            vout = out_mean
+            # input side semantic; output side invisible (the mean) until training moves it.
+            # Tied: one row serves both, blended below as far as the KL budget allows.
+            vin, vout = semantic(emb, s, in_mean), out_mean
             name = ("describe" if s.description else "subword") + "/mean"
             if tied:
                 blend_for_tied.append((s, r, vin))
@@ -279,23 +288,50 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
             head[r] = vout.to(head.dtype)
 
     if blend_for_tied:
-        _calibrate_tied(model, tokenizer, emb, in_mean, blend_for_tied, rows_before, kl_budget, log)
+        if not probe.available:
+            raise GraftError("tied head: cannot run the model on probe text to calibrate `auto`; "
+                             "use --init mean or --init subword")
+        rows = torch.stack([v for _, _, v in blend_for_tied])
+        blended = {r for _, r, _ in blend_for_tied}
+        # what every other row beyond the base vocabulary costs (earlier tokens, padding rows)
+        fixed = probe.kl([r for r in range(n_base, emb.shape[0]) if r not in blended])
+        a, kl = I.calibrate_blend(probe.hidden, probe.lse, rows, in_mean.expand_as(rows),
+                                  max(kl_budget - fixed, 0.0))
+        for s, r, v in blend_for_tied:
+            emb[r] = (in_mean + a * (v - in_mean)).to(emb.dtype)
+            s._resolved = f"{s._resolved.split('/')[0]}*{a:.3g}+mean"
+        log(f"tied head: semantic rows blended {a:.3g} of the way from the mean; "
+            f"KL on real text {kl + fixed:.2e} nats/token (budget {kl_budget:.0e})")
 
 
-def _calibrate_tied(model, tokenizer, emb, mean, items, rows_before, kl_budget, log):
-    """Tied head: one row serves both sides. Blend semantic rows toward the mean just enough that
-    the new tokens, together, cost at most ``kl_budget`` nats per position on real text."""
-    from .probe import head_inputs, real_text
+class _Probe:
+    """The head's inputs on real prose, computed once on first use (one forward pass)."""
 
-    rows = torch.stack([v for _, _, v in items])
-    for _, r, _ in items:  # while probing, new rows are mean rows (their input side is never read)
-        emb[r] = mean.to(emb.dtype)
-    hidden = head_inputs(model, tokenizer, real_text())
-    base = emb[:rows_before].float()
-    lse = torch.logsumexp(hidden @ base.T, dim=1)
-    a, kl = I.calibrate_blend(hidden, lse, rows, mean.expand_as(rows), kl_budget)
-    for (s, r, v) in items:
-        emb[r] = (mean + a * (v - mean)).to(emb.dtype)
-        s._resolved = f"{s._resolved.split('/')[0]}x{a:.3g}+mean (tied)"
-    log(f"tied head: semantic rows blended at {a:.3g} toward the mean; KL on real text {kl:.2e} nats/token "
-        f"(budget {kl_budget:.0e})")
+    def __init__(self, model, tokenizer, out_w, n_base):
+        # KL is measured against the base *vocabulary* (rows 0..n_base-1): rows beyond it
+        # (padding, earlier grafts) count as added, so every figure has the same reference.
+        self.model, self.tokenizer, self.out_w, self.rows_before = model, tokenizer, out_w, n_base
+        self._hidden = None
+        self.available = True
+
+    @property
+    def hidden(self):
+        if self._hidden is None:
+            from .probe import head_inputs, real_text
+
+            self._hidden = head_inputs(self.model, self.tokenizer, real_text())
+            self.lse = torch.logsumexp(self._hidden @ self.out_w[: self.rows_before].float().T, dim=1)
+        return self._hidden
+
+    def quietest_row(self) -> torch.Tensor:
+        """The output row of the base token whose largest probability on the probe text is smallest."""
+        w = self.out_w[: self.rows_before].float()
+        worst = torch.full((self.rows_before,), -float("inf"))
+        for h, lse in zip(self.hidden.split(256), self.lse.split(256)):
+            worst = torch.maximum(worst, (h @ w.T - lse[:, None]).max(0).values)
+        return w[int(worst.argmin())].clone()
+
+    def kl(self, rows: list[int]) -> float:
+        if not rows:
+            return 0.0
+        return float(I.kl_of_added(self.hidden, self.lse, self.out_w[rows].float()).mean())
