@@ -1,0 +1,252 @@
+"""Streaming on-disk conversion of a checkpoint to another vocabulary.
+
+Only the vocabulary-shaped tensors are read into memory. Shards that hold none are hard-linked
+(or copied) into the output; shards that hold some are rewritten with every other tensor copied
+byte for byte. The output folder is built in a temporary sibling and renamed into place; the source
+is only ever read.
+
+Outputs: HF folders and PEFT adapter folders keep their layout (file names, sharding, index,
+``.bin`` stays ``.bin``). Single files, mmengine ``iter_N.pth`` and DeepSpeed folders become an HF
+safetensors file (``model.safetensors``) plus, when the source had one, the remapped optimizer state
+(``optimizer.pt``, loadable with ``torch.load(weights_only=True)``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_folder
+from ..manifest import FILENAME as MANIFEST_FILE
+from ..manifest import Manifest
+from ..vocab import fingerprint
+from .readers import Checkpoint, CheckpointError, open_checkpoint, safetensors_header
+from .remap import RemapError, RemapReport, build_row_map, check_explained, classify, infer_rows, remap_state_dict
+from .sources import SourceVocabError, manifest_vocab, resolve_source_vocab
+from .stwriter import copy_entry, tensor_entry, write_safetensors
+
+TOKENIZER_OUT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                 "processor_config.json", "preprocessor_config.json", "tekken.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Target:
+    folder: Path | None
+    vocab: list
+    rows: int | None
+    tokenizer: object | None
+    manifest: Manifest | None
+    config: dict | None
+
+
+def load_target(target, source_vocab_hint=None) -> Target:
+    """A folder with a tokenizer (and maybe config.json / tokengraft.json)."""
+    from transformers import AutoTokenizer
+
+    from ..vocab import vocab_of
+
+    p = Path(target)
+    if p.is_file() and p.name == MANIFEST_FILE:
+        raise CheckpointError(f"{p}: a manifest alone is not enough as a target here; pass the folder that holds "
+                              f"it together with its tokenizer (tokengraft add writes both)")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: target folder not found (expected a folder with a tokenizer)")
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+    except Exception as e:  # transformers raises many types for a folder without a tokenizer
+        raise CheckpointError(f"{p}: cannot load the target tokenizer ({type(e).__name__}: {e}); the target must "
+                              f"be a folder with tokenizer files") from None
+    config = None
+    if (p / "config.json").is_file():
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    manifest = Manifest.find(p)
+    rows = _config_rows(config) or (manifest.rows if manifest else None)
+    return Target(p, vocab_of(tok), rows, tok, manifest, config)
+
+
+def _config_rows(config: dict | None) -> int | None:
+    if not config:
+        return None
+    text = config.get("text_config") or {}
+    return text.get("vocab_size") or config.get("vocab_size")
+
+
+def _set_config_rows(config: dict, rows: int) -> dict:
+    config = dict(config)
+    if "vocab_size" in config:
+        config["vocab_size"] = rows
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"] = {**config["text_config"], "vocab_size": rows}
+    return config
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    try:
+        os.link(src, dst)
+        return "linked"
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+        return "copied"
+
+
+def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=None, init: str = "auto",
+            overwrite: bool = False, log=print) -> RemapReport:
+    """Convert ``checkpoint`` to the vocabulary of ``target`` (a folder with a tokenizer), writing ``out``."""
+    src = Path(checkpoint)
+    out = Path(out)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise CheckpointError(f"{out}: the output must not be the source or inside it")
+    ck = open_checkpoint(src)
+    info = ck.info
+    tgt = load_target(target)
+    source_vocab, how = resolve_source_vocab(info, tgt.vocab, target_manifest=tgt.manifest,
+                                             source_tokenizer=source_tokenizer, source_tokens=source_tokens)
+    shapes = {k: ck.shape(k) for k in ck.keys()}
+    rows = infer_rows(shapes)
+    if rows is None and info.adapter_config is not None and source_vocab is not None:
+        rows = len(source_vocab)  # an adapter with trainable tokens only: no vocabulary-shaped tensor
+    if rows is None:
+        raise CheckpointError(f"{src}: no embedding or output head found under a known name; nothing to convert")
+    row_map = build_row_map(source_vocab, tgt.vocab, rows, tgt.rows)
+    if row_map.assumed:
+        log(f"WARNING: {row_map.assumed}")
+    found = {k: classify(k, s, rows) for k, s in shapes.items()}
+    if not row_map.is_identity():
+        for k, s in shapes.items():
+            if found[k] is None:
+                check_explained(k, s, rows)
+    vocab_keys = [k for k, v in found.items() if v is not None]
+    tied = None
+    cfg = info.config or tgt.config
+    if cfg is not None:
+        text = cfg.get("text_config") or cfg
+        tied = bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
+        if not any(found[k].side == "output" and found[k].kind == "weight" for k in vocab_keys):
+            tied = tied or None  # no head saved: decide from the state dict
+
+    vocab_sd = {k: ck.get(k) for k in vocab_keys}
+    optimizer = info.optimizer
+    new_vocab_sd, report = remap_state_dict(vocab_sd, source_vocab, tgt.vocab, init=init, tokenizer=tgt.tokenizer,
+                                            row_map=row_map, adapter_config=info.adapter_config, tied=tied,
+                                            optimizer=None)
+    report.source_how = how
+    report.notes += info.notes
+    if optimizer is not None:
+        # moments are matched against the full state dict's order, so give it every key (data stays lazy)
+        from .remap import remap_optimizer_state
+
+        full_shapes = {k: _ShapeOnly(ck.shape(k)) for k in ck.keys()}
+        report.optimizer = remap_optimizer_state(optimizer, full_shapes, found, row_map, None, report)
+
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        if info.format in ("hf-folder", "peft") and all(f.endswith((".safetensors", ".bin")) for f in info.files):
+            _write_same_layout(ck, tmp, new_vocab_sd, report)
+        else:
+            _write_safetensors_folder(ck, tmp, new_vocab_sd, report)
+        _write_metadata(info, tgt, tmp, row_map.target_rows, report, src)
+    for line in report.lines():
+        log(line)
+    log(f"wrote {out}")
+    return report
+
+
+class _ShapeOnly:
+    """Stands in for a tensor when only its shape matters (optimizer matching by order and shape)."""
+
+    def __init__(self, shape):
+        self.shape = torch.Size(shape)
+
+
+def _write_same_layout(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport) -> None:
+    info = ck.info
+    dirty = {ck.file_of(k) for k in new}
+    for f, keys in info.files.items():
+        dst = tmp / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if f not in dirty:
+            report.notes.append(f"{f}: {_link_or_copy(info.root / f, dst)} (no vocabulary tensor)")
+            continue
+        if f.endswith(".safetensors"):
+            header = safetensors_header(info.root / f)
+            start = 8 + int.from_bytes(open(info.root / f, "rb").read(8), "little")
+            order = sorted(keys, key=lambda k: header[k]["data_offsets"][0])
+            entries = [tensor_entry(k, new[k]) if k in new else copy_entry(k, info.root / f, header, start)
+                       for k in order]
+            write_safetensors(dst, entries, header.get("__metadata__"))
+        else:  # a .bin shard: same format out (plain tensors only, loadable with weights_only=True)
+            sd = ck.read_file(f)
+            torch.save({k: (new[k] if k in new else v).clone() for k, v in sd.items()}, dst)
+        report.notes.append(f"{f}: rewritten ({sum(1 for k in keys if k in new)} vocabulary tensor(s))")
+    for idx in INDEX_FILES:
+        if (info.root / idx).is_file():
+            data = json.loads((info.root / idx).read_text(encoding="utf-8"))
+            total = sum(_nbytes(ck, k, new) for k in ck.keys())
+            data.setdefault("metadata", {})["total_size"] = total
+            (tmp / idx).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if report.adapter_config is not None:
+        (tmp / "adapter_config.json").write_text(json.dumps(report.adapter_config, indent=2) + "\n", encoding="utf-8")
+
+
+def _nbytes(ck: Checkpoint, k: str, new: dict) -> int:
+    if k in new:
+        return new[k].numel() * new[k].element_size()
+    n = 1
+    for d in ck.shape(k):
+        n *= d
+    return n * torch.empty((), dtype=ck.dtype(k)).element_size()
+
+
+def _write_safetensors_folder(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport) -> None:
+    """Any other source: one HF safetensors file, written one tensor at a time."""
+    seen: dict = {}
+    entries = []
+    for k in ck.keys():
+        t = new[k] if k in new else ck.get(k)
+        entries.append(tensor_entry(k, t))
+        seen[k] = True
+    write_safetensors(tmp / "model.safetensors", entries, {"format": "pt"})
+    report.notes.append(f"{ck.info.format} source written as model.safetensors ({len(entries)} tensors)")
+    if report.optimizer is not None:
+        torch.save(report.optimizer, tmp / "optimizer.pt")
+        report.notes.append("optimizer state (remapped moments) written as optimizer.pt")
+    if ck.info.adapter_config is not None or report.adapter_config is not None:
+        (tmp / "adapter_config.json").write_text(json.dumps(report.adapter_config or ck.info.adapter_config,
+                                                            indent=2) + "\n", encoding="utf-8")
+
+
+def _write_metadata(info, tgt: Target, tmp: Path, rows: int, report: RemapReport, src: Path) -> None:
+    # the source's other files (config, generation config, README...) come along; weights and
+    # tokenizer files do not (the target's tokenizer replaces the source's)
+    if info.path.is_dir():
+        for p in sorted(info.path.iterdir()):
+            if (p.is_file() and p.name not in TOKENIZER_OUT and p.name != MANIFEST_FILE
+                    and not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in INDEX_FILES
+                    and p.name != "adapter_config.json" and not (tmp / p.name).exists()):
+                shutil.copy2(p, tmp / p.name)
+    if (tmp / "config.json").is_file():
+        cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        (tmp / "config.json").write_text(json.dumps(_set_config_rows(cfg, rows), indent=2) + "\n", encoding="utf-8")
+    for name in TOKENIZER_OUT:
+        if tgt.folder is not None and (tgt.folder / name).is_file():
+            shutil.copy2(tgt.folder / name, tmp / name)
+    m = tgt.manifest
+    if m is None:
+        tied = any(r["side"] == "output" and r["kind"] == "weight" for r in report.remapped) is False
+        m = Manifest(base_fingerprint=fingerprint(tgt.vocab), base_size=len(tgt.vocab), rows=rows, tied=tied)
+        m.vocab_fingerprint = fingerprint(tgt.vocab)
+    m.rows = rows
+    s = report.row_map.summary()
+    m.record("convert", source=str(src), source_vocabulary=report.source_how, assumed=report.assumed,
+             rows_before=s["source_rows"], rows_after=s["target_rows"], kept=s["kept"], moved=s["moved"],
+             new=s["new"], dropped=s["dropped"], remapped=[r["key"] for r in report.remapped], init=report.init)
+    m.save(tmp)
+
+
+__all__ = ["convert", "load_target", "CheckpointError", "RemapError", "SourceVocabError"]

@@ -1,0 +1,83 @@
+"""Where the source vocabulary of a checkpoint comes from, in order of trust:
+
+1. the checkpoint's own tokenizer (its folder) or its ``tokengraft.json`` (base + added tokens);
+2. ``source_tokenizer``: a tokenizer object or a folder holding one;
+3. ``source_tokens``: the target's base vocabulary plus these tokens, in id order;
+4. nothing: the caller maps rows by index, and says so loudly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..manifest import Manifest
+from ..vocab import fingerprint, vocab_of
+
+
+class SourceVocabError(ValueError):
+    pass
+
+
+def tokenizer_vocab(tok) -> list:
+    """The vocabulary of a tokenizer object or folder."""
+    if isinstance(tok, (str, Path)):
+        from transformers import AutoTokenizer
+
+        p = Path(tok)
+        if not p.is_dir():
+            raise SourceVocabError(f"{p}: not a folder with a tokenizer (tokenizer.json / tokenizer_config.json)")
+        try:
+            tok = AutoTokenizer.from_pretrained(p)
+        except Exception as e:  # transformers raises many types for a bad folder
+            raise SourceVocabError(f"{p}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+    return vocab_of(tok)
+
+
+def manifest_vocab(manifest: Manifest, base_vocab: list, where: str) -> list:
+    """Base vocabulary + the manifest's added tokens at their ids (needs the base to match)."""
+    base = list(base_vocab[: manifest.base_size])
+    if len(base) != manifest.base_size or fingerprint(base) != manifest.base_fingerprint:
+        raise SourceVocabError(f"{where}: its tokengraft.json was made on a different base vocabulary than the "
+                               f"target's; pass --source-tokenizer with the tokenizer the checkpoint was trained with")
+    n = max([manifest.base_size] + [t.id + 1 for t in manifest.tokens])
+    vocab = base + [None] * (n - len(base))
+    for t in manifest.tokens:
+        vocab[t.id] = t.content
+    return vocab
+
+
+def base_of(target_vocab: list, target_manifest: Manifest | None, tokens: list[str]) -> list:
+    """The target's base vocabulary: what its manifest calls base, else everything before the first
+    of ``tokens`` the target has, else the whole target vocabulary."""
+    if target_manifest is not None:
+        return list(target_vocab[: target_manifest.base_size])
+    where = {t: i for i, t in enumerate(target_vocab) if t is not None}
+    ids = [where[t] for t in tokens if t in where]
+    return list(target_vocab[: min(ids)]) if ids else list(target_vocab)
+
+
+def resolve_source_vocab(info, target_vocab, *, target_manifest: Manifest | None = None, source_tokenizer=None,
+                         source_tokens=None) -> tuple[list | None, str]:
+    """(source vocabulary or None, a sentence saying where it came from)."""
+    if info is not None and info.tokenizer_dir is not None:
+        v = tokenizer_vocab(info.tokenizer_dir)
+        return v, f"the checkpoint's own tokenizer ({info.tokenizer_dir}, {len(v)} tokens)"
+    if info is not None and info.manifest is not None and target_vocab is not None:
+        v = manifest_vocab(info.manifest, target_vocab, str(info.path))
+        return v, f"the checkpoint's tokengraft.json (base {info.manifest.base_size} + {len(info.manifest.tokens)} tokens)"
+    if source_tokenizer is not None:
+        v = tokenizer_vocab(source_tokenizer)
+        return v, f"--source-tokenizer {source_tokenizer if isinstance(source_tokenizer, (str, Path)) else ''}".strip() \
+            + f" ({len(v)} tokens)"
+    if source_tokens is not None:
+        toks = [t.strip() for t in source_tokens.split(",")] if isinstance(source_tokens, str) else list(source_tokens)
+        toks = [t for t in toks if t]
+        if target_vocab is None:
+            raise SourceVocabError("--source-tokens needs a target tokenizer (its base vocabulary comes first)")
+        if len(set(toks)) != len(toks):
+            raise SourceVocabError(f"--source-tokens lists a token twice: {toks}")
+        base = base_of(target_vocab, target_manifest, toks)
+        clash = [t for t in toks if t in set(base)]
+        if clash:
+            raise SourceVocabError(f"--source-tokens: {clash} are already in the target's base vocabulary")
+        return base + toks, f"the target's base ({len(base)} tokens) + --source-tokens {','.join(toks)}"
+    return None, "none found (no tokenizer or tokengraft.json in the checkpoint, no --source-tokenizer/--source-tokens)"

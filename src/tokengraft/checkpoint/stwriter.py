@@ -1,0 +1,81 @@
+"""A streaming safetensors writer: one tensor in memory at a time, raw byte copies for the rest.
+
+``safetensors.torch.save_file`` wants every tensor of a file in memory at once. Converting a
+checkpoint changes a handful of tensors; the others can be copied byte for byte from the source
+file, in chunks, without being decoded. The output is a standard safetensors file (header padded to
+8 bytes, data contiguous in header order), readable by ``safe_open``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .readers import SAFETENSORS_DTYPES
+
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items() if v is not None}
+CHUNK = 16 * 2**20
+
+
+@dataclass
+class Entry:
+    key: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+    write: Callable  # write(fh) -> None, writes exactly nbytes
+
+
+def tensor_entry(key: str, t: torch.Tensor) -> Entry:
+    if t.dtype not in DTYPE_NAMES:
+        raise ValueError(f"{key}: dtype {t.dtype} cannot be stored in safetensors")
+    t = t.detach().contiguous()
+    nbytes = t.numel() * t.element_size()
+
+    def write(fh, t=t):
+        if nbytes:
+            fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return Entry(key, DTYPE_NAMES[t.dtype], tuple(t.shape), nbytes, write)
+
+
+def copy_entry(key: str, src: Path, header: dict, data_start: int) -> Entry:
+    """An entry copied byte for byte from a source safetensors file (never decoded)."""
+    h = header[key]
+    begin, end = h["data_offsets"]
+
+    def write(fh):
+        with open(src, "rb") as s:
+            s.seek(data_start + begin)
+            left = end - begin
+            while left:
+                buf = s.read(min(CHUNK, left))
+                if not buf:
+                    raise ValueError(f"{src}: ended early while copying {key!r}; the file is truncated")
+                fh.write(buf)
+                left -= len(buf)
+    return Entry(key, h["dtype"], tuple(h["shape"]), end - begin, write)
+
+
+def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = None) -> int:
+    """Write ``entries`` in order; returns the bytes of tensor data written."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    off = 0
+    for e in entries:
+        header[e.key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
+        off += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors itself writes
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for e in entries:
+            before = fh.tell()
+            e.write(fh)
+            if fh.tell() - before != e.nbytes:
+                raise ValueError(f"{path}: wrote {fh.tell() - before} bytes for {e.key!r}, expected {e.nbytes}")
+    return off
