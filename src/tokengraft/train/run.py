@@ -1,0 +1,249 @@
+"""Run folders: what a training run writes, and how to get a merged model back from it.
+
+Layout (see docs/train.md)::
+
+    RUN/
+      run.json                   what was trained: base folder + its vocab fingerprint, tokens, mode
+      tokengraft.json            the manifest after the graft
+      tokenizer / processor files
+      new_rows.safetensors       the trained new rows (k x hidden), by token (metadata "tokens")
+      adapter_config.json, adapter_model.safetensors      lora mode (PEFT's format)
+      projector.safetensors      when the projector trained (rows/lora modes)
+      model.safetensors          full mode only: every trained weight
+      metrics.jsonl, new_tokens.png
+      checkpoint-N/              the same trained parts + optimizer.pt, scheduler.pt,
+                                 rng_state*.pth, trainer_state.json (transformers' names)
+
+Only the trained parts are stored; the base model is re-loaded from the folder ``run.json`` names
+and re-grafted exactly as the manifest says, so a ``rows`` checkpoint is a few hundred KB.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..manifest import Manifest
+from ..vocab import RowMap, fingerprint, vocab_of
+
+RUN_FILE = "run.json"
+ROWS_FILE = "new_rows.safetensors"
+PROJECTOR_FILE = "projector.safetensors"
+FULL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+RUN_SCHEMA = 1
+
+
+class RunError(ValueError):
+    pass
+
+
+@dataclass
+class RunInfo:
+    """``run.json``: enough to rebuild the trained model from its base folder."""
+    base_model: str
+    base_vocab_fingerprint: str
+    mode: str
+    tokens: list = field(default_factory=list)  # token specs grafted by this run (dicts)
+    new_tokens: list = field(default_factory=list)  # the tokens whose rows train, in row-file order
+    tied: bool = False
+    pad_to_multiple_of: int = 64
+    train_projector: bool = False
+    train_vision: bool = False
+    lora: dict = field(default_factory=dict)
+    schema_version: int = RUN_SCHEMA
+
+    def save(self, folder) -> Path:
+        p = Path(folder) / RUN_FILE
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, p)
+        return p
+
+    @classmethod
+    def load(cls, folder) -> "RunInfo":
+        p = Path(folder) / RUN_FILE
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError(f"{folder}: no {RUN_FILE}; expected a tokengraft training run folder or one of "
+                           f"its checkpoint-N folders (made by `tokengraft train`)") from None
+        except json.JSONDecodeError as e:
+            raise RunError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if d.get("schema_version", 0) > RUN_SCHEMA:
+            raise RunError(f"{p}: written by a newer tokengraft (schema {d['schema_version']}); upgrade tokengraft")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        except TypeError as e:
+            raise RunError(f"{p}: malformed ({e})") from None
+
+
+# -- saving the trained parts -----------------------------------------------------------------
+
+def save_rows(folder, tokens: list[str], rows: dict[str, torch.Tensor], tied: bool) -> Path:
+    """``new_rows.safetensors``: ``embed`` (and untied ``head``) rows, k x hidden, float32; the
+    token strings ride in the metadata so the rows can be remapped by identity later."""
+    p = Path(folder) / ROWS_FILE
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in rows.items()}
+    meta = {"tokens": json.dumps(tokens, ensure_ascii=False), "tied": json.dumps(tied), "format": "tokengraft-rows"}
+    save_file(tensors, str(p), metadata=meta)
+    return p
+
+
+def read_rows(folder) -> tuple[list[str], dict[str, torch.Tensor]]:
+    p = Path(folder) / ROWS_FILE
+    if not p.is_file():
+        raise RunError(f"{folder}: no {ROWS_FILE}; the run folder is incomplete (was it interrupted before "
+                       f"its first checkpoint?)")
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        tokens = json.loads(meta["tokens"])
+    except (KeyError, json.JSONDecodeError):
+        raise RunError(f"{p}: no token list in its metadata; not written by tokengraft") from None
+    rows = load_file(str(p))
+    if rows["embed"].shape[0] != len(tokens):
+        raise RunError(f"{p}: {rows['embed'].shape[0]} rows for {len(tokens)} tokens")
+    return tokens, rows
+
+
+def remap_rows(saved_tokens: list[str], saved: dict[str, torch.Tensor], tokens: list[str],
+               current: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], RowMap]:
+    """Carry saved rows onto another token list by token identity; tokens the save did not have
+    keep their ``current`` rows."""
+    m = RowMap.by_identity(saved_tokens, tokens)
+    out = {}
+    for k, cur in current.items():
+        src = saved.get(k, saved["embed"])
+        fill = cur[torch.tensor(m.new_rows, dtype=torch.long)] if m.new_rows else None
+        out[k] = m.apply(src.to(cur.dtype), fill=fill)
+    return out, m
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """Every trainable weight except the new-row deltas, with tied tensors stored once."""
+    from .params import ATTR
+
+    out, seen = {}, set()
+    for n, p in model.named_parameters():
+        if not p.requires_grad or n.startswith(ATTR + ".") or f".{ATTR}." in n:
+            continue
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        out[n] = p.detach().contiguous().cpu()
+    return out
+
+
+def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest, tokenizer, processor=None) -> None:
+    """Write the trained parts of ``model`` (``base``: the un-PEFT'd transformers model) to ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info.save(folder)
+    manifest.save(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_rows(folder, info.new_tokens, rows_mod.effective(base), info.tied)
+    if info.mode == "full":
+        save_file(trained_state(base), str(folder / FULL_FILE), metadata={"format": "pt"})
+    elif info.train_projector:
+        proj = {n: p.detach().contiguous().cpu() for n, p in base.named_parameters()
+                if "multi_modal_projector" in n}
+        save_file(proj, str(folder / PROJECTOR_FILE), metadata={"format": "pt"})
+    if info.mode == "lora":
+        model.save_pretrained(folder, save_embedding_layers=False)
+
+
+def _load_named(model, path: Path) -> None:
+    sd = load_file(str(path))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise RunError(f"{path}: weights {unexpected[:3]} do not exist in the base model; was the base folder "
+                       f"replaced by another architecture?")
+
+
+# -- loading a run ----------------------------------------------------------------------------
+
+def checkpoints(run_dir) -> list[Path]:
+    """A run's checkpoint-N folders, oldest first."""
+    cks = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(cks, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _parts_folder(path: Path) -> Path:
+    """A run folder holds its final parts at the top; before the end of training only checkpoints."""
+    if (path / ROWS_FILE).is_file():
+        return path
+    cks = checkpoints(path)
+    if cks:
+        return cks[-1]
+    raise RunError(f"{path}: neither trained parts ({ROWS_FILE}) nor checkpoint-N folders; "
+                   f"the run has not saved anything yet")
+
+
+def rebuild_base(info: RunInfo, expect_manifest: Manifest | None = None, log=lambda *a: None):
+    """Re-load the base folder recorded in ``info`` and graft the run's tokens onto it:
+    (model, tokenizer, processor, manifest). Fails if the base folder's vocabulary changed."""
+    from ..graft import graft
+    from ..io import load_folder
+
+    base = Path(info.base_model)
+    if not base.is_dir():
+        raise RunError(f"base model folder {base} (recorded in {RUN_FILE}) does not exist; "
+                       f"restore it, or edit base_model in {RUN_FILE} to where it now lives")
+    model, tok, proc, manifest0 = load_folder(base)
+    got = fingerprint(vocab_of(tok))
+    if got != info.base_vocab_fingerprint:
+        raise RunError(f"base model folder {base} changed since training: its vocabulary fingerprint is {got}, "
+                       f"the run recorded {info.base_vocab_fingerprint}; point base_model in {RUN_FILE} "
+                       f"at the folder the run was trained from")
+    if expect_manifest is not None:
+        base_fp = manifest0.base_fingerprint if manifest0 is not None else got
+        if base_fp != expect_manifest.base_fingerprint:
+            raise RunError(f"base model folder {base}: base vocabulary fingerprint {base_fp} differs from the "
+                           f"run manifest's base_fingerprint {expect_manifest.base_fingerprint}")
+    manifest = graft(model, tok, info.tokens, manifest=manifest0, processor=proc,
+                     pad_to_multiple_of=info.pad_to_multiple_of, log=log) if info.tokens else manifest0
+    if expect_manifest is not None and manifest is not None and expect_manifest.vocab_fingerprint \
+            and manifest.vocab_fingerprint != expect_manifest.vocab_fingerprint:
+        raise RunError(f"re-grafting the run's tokens onto {base} gave vocabulary {manifest.vocab_fingerprint}, "
+                       f"the run recorded {expect_manifest.vocab_fingerprint}; the token ids would not match")
+    return model, tok, proc, manifest
+
+
+def load_run(path, log=lambda *a: None):
+    """``(model, tokenizer, processor_or_None, manifest)`` from a run folder or one of its checkpoints.
+
+    The base model is re-loaded from the path recorded in ``run.json``, the tokens are grafted as the
+    manifest says, and the trained parts are applied: new rows written into the embedding/head, the
+    LoRA adapter merged, full weights loaded. The model comes back in eval mode with no hooks.
+    """
+    from .params import write_rows
+
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: not a folder; pass a run folder or one of its checkpoint-N folders")
+    parts = _parts_folder(path)
+    info = RunInfo.load(parts)
+    manifest_saved = Manifest.load(parts)
+    model, tok, proc, manifest = rebuild_base(info, manifest_saved, log)
+    if info.mode == "full":
+        _load_named(model, parts / FULL_FILE)
+    elif (parts / PROJECTOR_FILE).is_file():
+        _load_named(model, parts / PROJECTOR_FILE)
+    tokens, rows = read_rows(parts)
+    ids = tok.convert_tokens_to_ids(tokens)
+    write_rows(model, ids, rows, info.tied)
+    if info.mode == "lora":
+        from peft import PeftModel
+
+        if not (parts / ADAPTER_FILE).is_file():
+            raise RunError(f"{parts}: lora run without {ADAPTER_FILE}")
+        model = PeftModel.from_pretrained(model, str(parts)).merge_and_unload()
+    return model.eval(), tok, proc, manifest_saved
