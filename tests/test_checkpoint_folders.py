@@ -1,0 +1,117 @@
+"""HF folders: sharded safetensors keep their sharding; untouched shards are hard links; .bin stays
+.bin; config vocab sizes follow; transformers loads the result; the source is never modified."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from test_checkpoint_helpers import word_tokenizer, words
+
+from tokengraft.checkpoint import read_state_dict
+from tokengraft.checkpoint.convert import convert
+
+SRC = words(94) + ["<a>", "<b>", "<c>"] + [None] * 3  # 97 tokens, 100 rows (3 padding rows)
+TGT = words(94) + ["<c>", "<d>", "<a>"]
+
+
+def tiny_llama(vocab_rows, tied=False, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("folders")
+    model = tiny_llama(100)
+    src = d / "src"
+    model.save_pretrained(src, max_shard_size="20KB")
+    word_tokenizer([t for t in SRC if t]).save_pretrained(src)
+    target = d / "target"
+    word_tokenizer(TGT).save_pretrained(target)
+    return d, src, target, model
+
+
+def test_sharded_folder_keeps_layout_and_links_clean_shards(sharded, tmp_path):
+    d, src, target, model = sharded
+    before = digest(src)
+    out = tmp_path / "out"
+    report = convert(src, target, out, log=lambda *a: None)
+    assert digest(src) == before  # the source is untouched
+    shards = sorted(p.name for p in src.glob("model-*.safetensors"))
+    assert len(shards) > 3 and sorted(p.name for p in out.glob("model-*.safetensors")) == shards
+    idx = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    dirty = {idx["model.embed_tokens.weight"], idx["lm_head.weight"]}
+    for s in shards:  # untouched shards are the same file (hard link), vocabulary shards are new files
+        same = (out / s).stat().st_ino == (src / s).stat().st_ino
+        assert same == (s not in dirty), s
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 100  # rows never shrink: the source had 100 rows (padded)
+    assert json.loads((out / "tokengraft.json").read_text())["history"][-1]["op"] == "convert"
+    assert set(report.dropped.values()) == {"<b>"} and set(report.new.values()) == {"<d>"}
+
+    from transformers import AutoModelForCausalLM
+
+    new = AutoModelForCausalLM.from_pretrained(out)
+    e_old, e_new = model.model.embed_tokens.weight, new.model.embed_tokens.weight
+    h_old, h_new = model.lm_head.weight, new.lm_head.weight
+    assert torch.equal(e_new[:94], e_old[:94]) and torch.equal(h_new[:94], h_old[:94])
+    for tok in ("<a>", "<c>"):
+        s, t = SRC.index(tok), TGT.index(tok)
+        assert torch.equal(e_new[t], e_old[s]) and torch.equal(h_new[t], h_old[s])
+    d_row = TGT.index("<d>")
+    assert torch.allclose(h_new[d_row], h_old[:97].mean(0), atol=1e-6)  # output side: mean of trained rows
+    assert torch.equal(e_new[97:], e_old[97:])  # padding rows stay where they were
+    # the rest of the model is bit-identical
+    sd_old, sd_new = model.state_dict(), new.state_dict()
+    for k in sd_old:
+        if "embed_tokens" not in k and "lm_head" not in k:
+            assert torch.equal(sd_old[k], sd_new[k]), k
+
+
+def test_bin_folder_stays_bin(sharded, tmp_path):
+    _, _, target, model = sharded
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    model.config.save_pretrained(src)
+    out = tmp_path / "out"
+    convert(src, target, out, source_tokenizer=str(sharded[1]), log=lambda *a: None)
+    assert (out / "pytorch_model.bin").is_file() and not (out / "model.safetensors").exists()
+    sd = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert sd["lm_head.weight"].shape == (100, 32)
+    assert torch.equal(sd["lm_head.weight"][TGT.index("<a>")], model.lm_head.weight[SRC.index("<a>")])
+
+
+def test_existing_output_needs_overwrite(sharded, tmp_path):
+    _, src, target, _ = sharded
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ValueError, match="already exists"):
+        convert(src, target, out, log=lambda *a: None)
+    assert (out / "keep").read_text() == "x"
+    convert(src, target, out, overwrite=True, log=lambda *a: None)
+    assert not (out / "keep").exists() and (out / "config.json").exists()
+
+
+def test_read_state_dict_formats_agree(sharded, tmp_path):
+    _, src, _, model = sharded
+    from safetensors.torch import save_file
+
+    ref = model.state_dict()
+    torch.save(ref, tmp_path / "w.pt")
+    save_file({k: v.contiguous() for k, v in ref.items() if k != "lm_head.weight"} | {"lm_head.weight": ref["lm_head.weight"].clone()},
+              tmp_path / "w.safetensors")
+    for p in (src, tmp_path / "w.pt", tmp_path / "w.safetensors"):
+        sd, info = read_state_dict(p)
+        assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref), p
