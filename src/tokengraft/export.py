@@ -91,15 +91,13 @@ def source_kind(source) -> str:
     p = Path(source)
     if not p.exists():
         raise ExportError(f"{p}: no such file or folder; pass a training run, a checkpoint or a model folder")
-    try:  # the training side knows its own layout best
-        from .train.run import is_run  # type: ignore
-        if is_run(p):
-            return "run"
-    except ImportError:
-        pass
-    if _is_hf_model_folder(p) and not (p / "trainer_state.json").is_file():
+    # a run (or checkpoint-N) holds run.json and only the trained parts; the base comes from elsewhere
+    if p.is_dir() and ((p / "run.json").is_file() or any(p.glob("checkpoint-*/run.json"))):
+        return "run"
+    if _is_hf_model_folder(p):
         return "hf"
-    return "run"
+    raise ExportError(f"{p}: neither a model folder (config.json + weights) nor a tokengraft training run "
+                      f"(run.json); pass the folder `tokengraft add` or `tokengraft train` wrote")
 
 
 def load_source(source, adapter=None, log=print):
@@ -249,11 +247,7 @@ def export(source, out, *, adapter=None, dtype: str = "fp32", max_shard_size="5G
     if target != torch.float32 and verify_output:
         reference = probe_logits(model, tokenizer, processor, manifest)
     with atomic_folder(out, overwrite) as tmp:
-        model.to(target)
-        try:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        finally:
-            model.to(torch.float32)  # exact from bf16/fp16: the reference is now the rounded model
+        _save_as(model, tmp, target, max_shard_size)
         if processor is not None:
             processor.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -275,6 +269,23 @@ def export(source, out, *, adapter=None, dtype: str = "fp32", max_shard_size="5G
                         tokenizer_size=len(tokenizer), tied=manifest.tied, dtype=dtype, files=files,
                         new_tokens=len(manifest.tokens), stop_token_ids=stop_ids, suppressed_rows=suppressed,
                         rounding_drift=drift, verify=report_v)
+
+
+def _save_as(model, folder, dtype, max_shard_size) -> None:
+    """save_pretrained in ``dtype``; afterwards the weights are back in fp32 (exact from bf16/fp16,
+    so the in-memory model *is* the rounded export). Buffers are restored as they were: a rotary
+    ``inv_freq`` rounded to bf16 would differ from the one a fresh load recomputes in fp32."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to(dtype)
+    try:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+    finally:
+        model.to(torch.float32)
+        for n, b in list(model.named_buffers()):
+            mod, _, attr = n.rpartition(".")
+            owner = model.get_submodule(mod) if mod else model
+            if attr in owner._buffers:
+                owner._buffers[attr] = buffers[n]
 
 
 class VerifyError(ExportError):

@@ -1,0 +1,81 @@
+"""`tokengraft import-xtuner`: XTuner LLaVA artifacts -> a LlavaForConditionalGeneration folder."""
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Build a transformers LlavaForConditionalGeneration folder (model, LlavaProcessor, tokenizer,
+tokengraft.json) from what an XTuner LLaVA run left behind, with your tokens added.
+
+SOURCE is one of:
+  - an iter_N.pth file (mmengine checkpoint; read with a restricted unpickler, no code runs);
+  - an XTuner DeepSpeed folder (iter_N.pth/ holding mp_rank_00_model_states.pt);
+  - XTuner's split export (`xtuner convert pth_to_hf --save-format xtuner`): a folder with
+    llm/ or llm_adapter/, projector/, and visual_encoder/ or visual_encoder_adapter/.
+XTuner checkpoints hold only what trained, so --llm (the LLM folder the run was built on; the base
+of llm_adapter/) and --visual-encoder (the CLIP folder) are needed unless the split export has them.
+
+What happens:
+  1. LoRA is merged into its base weights first (lora_alpha from the run's config text in the
+     .pth, or --lora-alpha / --visual-lora-alpha; a PEFT adapter folder knows its own);
+  2. if XTuner resized the LLM for your tokens (more vocabulary rows in the checkpoint than the
+     tokenizer has), rows beyond the tokenizer are taken to be --tokens in the order given, and
+     their trained rows are kept (XTuner stores no vocabulary: this assumption is reported);
+  3. the XTuner modules become Llava's (projector.model.0/2 -> multi_modal_projector.linear_1/2,
+     visual_encoder -> vision_tower, llm -> the language model), loaded into the in-memory model
+     so the installed transformers writes its own on-disk layout;
+  4. your tokens, then <image>, then <pad> (only if the tokenizer has no pad token) are added in
+     that order: no id collides with a trained row; every new row is initialized; rows are padded
+     to a multiple of 64 and padding rows are suppressed in generation;
+  5. XTuner's image features (hidden layer -2, CLS dropped) are written to the config as
+     vision_feature_layer=-2, vision_feature_select_strategy="default".
+Scope: LLaMA-architecture language models (LLaMA, Vicuna, Mistral, Qwen2, SmolLM2) and a CLIP
+tower with XTuner's depth-2 MLP projector. XTuner's pad-to-square image preprocessing is not part
+of CLIPImageProcessor; pad images yourself for identical inputs.
+
+OUT is written to a temporary sibling and renamed into place; inputs are never modified."""
+
+EPILOG = """\
+examples:
+  tokengraft import-xtuner work_dirs/llava_ft/iter_5000.pth --llm ./vicuna-7b-v1.5 \\
+      --visual-encoder ./clip-vit-large-patch14-336 --tokens '<box>,</box>,<ref>' -o ./llava-hf
+  tokengraft import-xtuner ./xtuner-hf-export --llm ./vicuna-7b-v1.5 --tokens-file tokens.yaml -o ./llava-hf
+  tokengraft export ./llava-hf -o ./llava-hf-checked --verify     # reload check with plain transformers
+
+exit status: 0 on success, 2 on bad input (one-line reason); nothing is written on error.
+docs: docs/xtuner.md"""
+
+
+def register(subparsers, name):
+    p = subparsers.add_parser(name, help="XTuner LLaVA checkpoint -> transformers LLaVA folder with your tokens",
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SOURCE", nargs="?",
+                   help="iter_N.pth file, DeepSpeed folder, or split-export folder (read only)")
+    p.add_argument("-o", "--output", dest="output", metavar="OUT", required=True, help="output folder")
+    p.add_argument("--llm", metavar="DIR", help="LLM folder the run was built on (HF layout, with tokenizer)")
+    p.add_argument("--visual-encoder", metavar="DIR", help="CLIP folder the run was built on")
+    p.add_argument("--projector", metavar="DIR", help="XTuner projector/ folder (when not in SOURCE)")
+    p.add_argument("--llm-adapter", metavar="DIR", help="XTuner llm_adapter/ (PEFT) folder, merged into --llm")
+    p.add_argument("--visual-encoder-adapter", metavar="DIR", help="XTuner visual_encoder_adapter/ folder")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, if not the LLM folder's")
+    p.add_argument("--tokens", metavar="'<a>,<b>'", help="your tokens, comma-separated, in the order XTuner added them")
+    p.add_argument("--tokens-file", metavar="FILE", help="YAML/JSON tokens file (content, role, init, stop, ...)")
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="LLM LoRA alpha, if the checkpoint has no config")
+    p.add_argument("--visual-lora-alpha", type=float, metavar="A", help="visual encoder LoRA alpha, likewise")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype (default fp32)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors file (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    return p
+
+
+def run(args) -> int:
+    from ..xtuner import import_xtuner
+
+    import_xtuner(args.source, args.output, llm=args.llm, visual_encoder=args.visual_encoder,
+                  projector=args.projector, llm_adapter=args.llm_adapter,
+                  visual_encoder_adapter=args.visual_encoder_adapter, tokens=args.tokens,
+                  tokens_file=args.tokens_file, tokenizer=args.tokenizer, lora_alpha=args.lora_alpha,
+                  visual_lora_alpha=args.visual_lora_alpha, dtype=args.dtype, overwrite=args.overwrite,
+                  max_shard_size=args.max_shard_size)
+    return 0

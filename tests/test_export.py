@@ -1,0 +1,252 @@
+"""Export: a complete checkpoint that plain transformers reloads, checked in a fresh process.
+
+Real SmolLM2 (tied) and the SmolLM2 LLaVA carry the claims about real behaviour (logits, greedy
+generation); a tiny untied Llama with SmolLM2's tokenizer carries the structural ones (untied stays
+untied, adapters, dtypes, bad inputs).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+TOKENS = [{"content": "<box>", "init": "subword"}, {"content": "</box>", "init": "subword", "stop": True},
+          {"content": "<ref>", "init": "subword"}]
+QUIET = dict(log=lambda *a: None)
+
+
+def _change_new_rows(model, manifest, seed=0):
+    """Pretend training moved the new rows (input and, when untied, output side)."""
+    g = torch.Generator().manual_seed(seed)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    with torch.no_grad():
+        for t in manifest.tokens:
+            emb[t.id] += torch.randn(emb.shape[1], generator=g) * 0.05
+            if head is not emb:
+                head[t.id] += torch.randn(head.shape[1], generator=g) * 0.05
+
+
+def _tiny_untied(tok, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2_dir, tmp_path_factory):
+    """A grafted tiny untied Llama (SmolLM2 tokenizer), saved by tokengraft: read-only."""
+    from transformers import AutoTokenizer
+
+    from tokengraft.graft import graft
+    from tokengraft.io import save_folder
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = _tiny_untied(tok)
+    man = graft(model, tok, TOKENS, **QUIET)
+    _change_new_rows(model, man)
+    return save_folder(tmp_path_factory.mktemp("tiny") / "tiny", model, tok, man)
+
+
+def _no_temp_siblings(out):
+    return not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+# -- real SmolLM2 (tied) ------------------------------------------------------------------------
+
+def test_export_grafted_smollm2_tied(smollm2, tmp_path):
+    from transformers import AutoConfig
+
+    from tokengraft.export import export
+    from tokengraft.graft import graft
+
+    model, tok = smollm2
+    man = graft(model, tok, TOKENS, **QUIET)
+    _change_new_rows(model, man)
+    src = tmp_path / "grafted"
+    from tokengraft.io import save_folder
+
+    save_folder(src, model, tok, man)
+    rep = export(src, tmp_path / "out", verify_output=True, max_shard_size="200MB", **QUIET)
+    v = rep.verify
+    assert v.ok, v.problems
+    assert v.max_abs_diff <= 1e-5 and v.generation_equal and v.tied is True and v.tokens_checked == 3
+    assert v.probes == 2  # prose without the new tokens, and a text using them
+    out = tmp_path / "out"
+    cfg = AutoConfig.from_pretrained(out)
+    assert cfg.tie_word_embeddings is True and cfg.vocab_size == rep.rows == 49216
+    assert len([f for f in rep.files if f.endswith(".safetensors")]) >= 2  # sharded at 200MB
+    assert "model.safetensors.index.json" in rep.files
+    gen = json.loads((out / "generation_config.json").read_text())
+    stop = tok.convert_tokens_to_ids("</box>")
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert stop in eos and tok.eos_token_id in eos
+    assert set(gen["suppress_tokens"]) == set(range(len(tok), rep.rows))
+    hist = json.loads((out / "tokengraft.json").read_text())["history"]
+    assert [h["op"] for h in hist][-2:] == ["add", "export"]
+    assert json.loads((src / "tokengraft.json").read_text())["history"][-1]["op"] == "add"  # input untouched
+
+
+def test_export_llava_with_new_tokens(llava_dir, tmp_path):
+    """The LLaVA fixture + new tokens with trained rows: image probe included, tied stays tied."""
+    from tokengraft.export import export
+    from tokengraft.graft import graft
+    from tokengraft.io import load_folder, save_folder
+
+    model, tok, proc, man = load_folder(llava_dir)
+    man = graft(model, tok, TOKENS[:2], manifest=man, processor=proc, **QUIET)
+    _change_new_rows(model, man, seed=1)
+    with torch.no_grad():  # and a trained projector
+        model.model.multi_modal_projector.linear_2.bias += 0.01
+    save_folder(tmp_path / "src", model, tok, man, processor=proc)
+    rep = export(tmp_path / "src", tmp_path / "out", verify_output=True, **QUIET)
+    v = rep.verify
+    assert v.ok, v.problems
+    assert v.probes == 3 and v.max_abs_diff <= 1e-5 and v.generation_equal and v.tied is True
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    img = tok.convert_tokens_to_ids("<image>")
+    assert cfg.get("image_token_id", cfg.get("image_token_index")) == img
+    assert cfg["text_config"]["vocab_size"] == rep.rows
+    assert (tmp_path / "out" / "processor_config.json").is_file() or (tmp_path / "out" / "preprocessor_config.json").is_file()
+
+
+# -- tiny untied --------------------------------------------------------------------------------
+
+def test_untied_stays_untied_and_bf16(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tokengraft.export import export
+
+    rep = export(tiny_dir, tmp_path / "out", verify_output=True, **QUIET)
+    assert rep.verify.ok and rep.verify.tied is False and rep.tied is False
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert m.get_output_embeddings().weight is not m.get_input_embeddings().weight
+    assert m.config.tie_word_embeddings is False
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert torch.equal(m.lm_head.weight, ref.lm_head.weight)  # the trained head survived the round trip
+
+    rep16 = export(tiny_dir, tmp_path / "bf16", dtype="bf16", verify_output=True, **QUIET)
+    assert rep16.verify.ok, rep16.verify.problems
+    assert rep16.rounding_drift is not None and 0 < rep16.rounding_drift < 0.5
+    m16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert m16.dtype == torch.bfloat16
+
+
+def test_adapter_merged(tiny_dir, tmp_path):
+    """--adapter: a PEFT LoRA (including the untied head) merged; equals peft's own merge."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokengraft.export import export
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.save_pretrained(tmp_path / "adapter")
+    ref = pm.merge_and_unload().eval()
+    rep = export(tiny_dir, tmp_path / "out", adapter=tmp_path / "adapter", verify_output=True, **QUIET)
+    assert rep.verify.ok, rep.verify.problems
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = tok("Beautiful is better than ugly. <box> ok </box>", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        d = (got(ids).logits - ref(ids).logits).abs().max()
+    assert float(d) <= 1e-5
+    hist = json.loads((tmp_path / "out" / "tokengraft.json").read_text())["history"][-1]
+    assert hist["op"] == "export" and hist["adapter"] == str(tmp_path / "adapter")
+
+
+def test_verify_catches_differences(tiny_dir, tmp_path):
+    """verify is not a rubber stamp: a changed row, or a re-tied head on disk, is reported."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokengraft.export import export, verify
+    from tokengraft.manifest import Manifest
+
+    export(tiny_dir, tmp_path / "out", **QUIET)
+    out = tmp_path / "out"
+    tok = AutoTokenizer.from_pretrained(out)
+    man = Manifest.load(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        model.lm_head.weight[man.token("<box>").id] += 0.5
+    v = verify(out, model, tok, manifest=man, gen_tokens=0)
+    assert not v.ok and any("max |logit diff|" in p for p in v.problems)
+
+    # a tied model written with the wrong tie flag loads untied, with a missing (random) head
+    from transformers import LlamaForCausalLM
+
+    tied = LlamaForCausalLM(_tiny_untied(tok).config.__class__(**{**model.config.to_dict(),
+                                                                   "tie_word_embeddings": True})).eval()
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    tied.save_pretrained(tmp_path / "tied")
+    tok.save_pretrained(tmp_path / "tied")
+    cfg = json.loads((tmp_path / "tied" / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "tied" / "config.json").write_text(json.dumps(cfg))
+    v = verify(tmp_path / "tied", tied, tok, manifest=man, gen_tokens=0)
+    assert not v.ok and v.tied is False
+    assert any("loads untied" in p for p in v.problems) and any("missing keys" in p for p in v.problems)
+
+
+# -- bad inputs -----------------------------------------------------------------------------------
+
+def test_existing_output_refused_and_cli(tiny_dir, tmp_path):
+    from tokengraft.cli import main
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["export", str(tiny_dir), "-o", str(tmp_path / "out")]) == 2
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert main(["export", str(tiny_dir), "-o", str(tmp_path / "out"), "--overwrite", "--max-shard-size", "2MB"]) == 0
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+    assert main(["export", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o2")]) == 2
+
+
+def test_interrupted_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from tokengraft.export import export
+
+    real = PreTrainedModel.save_pretrained
+
+    def fail_midway(self, folder, *a, **k):
+        real(self, folder, *a, **k)  # the weights are on disk ...
+        raise OSError("disk full (injected)")  # ... and then the write fails
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fail_midway)
+    with pytest.raises(OSError, match="injected"):
+        export(tiny_dir, tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists() and _no_temp_siblings(tmp_path / "out")
+    # with --overwrite, the old OUT survives a failed export untouched
+    shutil.copytree(tiny_dir, tmp_path / "old")
+    before = sorted(p.name for p in (tmp_path / "old").iterdir())
+    with pytest.raises(OSError, match="injected"):
+        export(tiny_dir, tmp_path / "old", overwrite=True, **QUIET)
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == before and _no_temp_siblings(tmp_path / "old")
+
+
+def test_tokenizer_changed_behind_the_manifest(tiny_dir, tmp_path):
+    """A folder whose tokenizer no longer matches its tokengraft.json is refused with a clear error."""
+    from transformers import AutoTokenizer
+
+    from tokengraft.export import ExportError, export
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_tokens(["<sneaky>"])
+    tok.save_pretrained(src)
+    with pytest.raises(ExportError, match="not the one tokengraft.json records"):
+        export(src, tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists()
