@@ -247,3 +247,34 @@ def load_run(path, log=lambda *a: None):
             raise RunError(f"{parts}: lora run without {ADAPTER_FILE}")
         model = PeftModel.from_pretrained(model, str(parts)).merge_and_unload()
     return model.eval(), tok, proc, manifest_saved
+
+
+def resume_parts(folder, model, base, rows_mod, info: RunInfo, log=print) -> RowMap | None:
+    """Load a checkpoint's trained parts into a model being trained (for ``--resume``). When the
+    token set changed since the checkpoint, rows move by token identity (a :class:`RowMap`) and
+    tokens the checkpoint lacked keep their fresh initialization; the map is returned."""
+    folder = Path(folder)
+    saved = RunInfo.load(folder)
+    if saved.base_vocab_fingerprint != info.base_vocab_fingerprint:
+        raise RunError(f"{folder}: trained from a base with vocabulary {saved.base_vocab_fingerprint}, "
+                       f"this run's base has {info.base_vocab_fingerprint}; resume with the same --model")
+    if saved.mode != info.mode:
+        raise RunError(f"{folder}: a {saved.mode!r} checkpoint cannot resume as mode {info.mode!r}")
+    if info.mode == "full":
+        _load_named(base, folder / FULL_FILE)
+    elif (folder / PROJECTOR_FILE).is_file():
+        _load_named(base, folder / PROJECTOR_FILE)
+    if info.mode == "lora":
+        from peft import set_peft_model_state_dict
+
+        res = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_FILE)))
+        if getattr(res, "unexpected_keys", None):
+            raise RunError(f"{folder}: adapter keys {res.unexpected_keys[:3]} do not fit this model")
+    tokens, rows = read_rows(folder)
+    remap = None
+    if tokens != list(info.new_tokens):
+        rows, remap = remap_rows(tokens, rows, list(info.new_tokens), rows_mod.effective(base))
+        log(f"resume: token set changed; rows carried by token identity: {remap.summary()['kept']} kept, "
+            f"{len(remap.new_rows)} new, {len(remap.dropped)} dropped")
+    rows_mod.set_effective(base, rows)
+    return remap

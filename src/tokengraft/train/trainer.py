@@ -1,0 +1,344 @@
+"""transformers.Trainer wiring: graft first, then wrap, so DDP/FSDP/DeepSpeed come from the engines.
+
+``train(TrainConfig(...))`` runs one SFT job and returns the run folder. Under ``torchrun`` every
+process runs the same function; transformers/accelerate handle the process group (gloo on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..graft import graft, image_token_id as image_token_id_of, parse_tokens
+from ..io import load_folder
+from ..vocab import fingerprint, vocab_of
+from .data import Collator, LlavaDataset, image_token_count, load_records, renderer
+from .metrics import MetricsWriter, generation_eval, plot, row_norms, summarize, token_stats
+from .params import MODES, param_groups, prepare
+from .preflight import PreflightError, preflight, tokens_from_data
+from .run import RunInfo, checkpoints, remap_rows, resume_parts, save_parts
+
+
+class TrainError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    """Every key of CONFIG.yaml (and a --flag of `tokengraft train`)."""
+    model: str = ""  # base model folder (causal LM or LLaVA)
+    data: str = ""  # LLaVA JSON/JSONL
+    output_dir: str = ""  # the run folder
+    image_folder: str | None = None
+    eval_data: str | None = None  # held-out LLaVA JSON/JSONL for generation eval
+    eval_holdout: int = 0  # without eval_data: hold out this many training records for eval
+    tokens: list | str | None = None  # list, comma-separated, or "from-data PATTERN"
+    tokens_file: str | None = None
+    init: str | None = None  # override every token's init (auto, mean, hewitt, subword, ...)
+    pad_to_multiple_of: int = 64
+    mode: str = "rows"
+    template: str = "tokenizer"
+    train_on: str = "assistant"  # or "all"
+    max_length: int = 2048
+    max_steps: int = 100
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    rows_lr: float | None = None  # new rows' own LR (default: lr)
+    rows_weight_decay: float | None = None  # new rows' own WD (default: 0)
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list | None = None
+    train_projector: bool = False
+    train_vision: bool = False
+    logging_steps: int = 5
+    save_steps: int = 50
+    save_total_limit: int | None = None
+    eval_steps: int = 0  # 0: generation eval only at the end
+    eval_max_new_tokens: int = 32
+    seed: int = 0
+    bf16: bool = False
+    resume: bool | str = False  # True: latest checkpoint in output_dir; or a checkpoint folder
+    overwrite: bool = False
+    allow_text_tags: bool = False
+    allow_missing_tokens: bool = False
+    preflight_only: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps, as if interrupted
+    progress: bool = True
+    tensorboard: bool = True
+    workers: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise TrainError(f"{where}: unknown key(s) {', '.join(bad)}; see `tokengraft train --help`")
+        return cls(**d)
+
+    def check(self) -> None:
+        for key in ("model", "data", "output_dir"):
+            if not getattr(self, key):
+                raise TrainError(f"no {key}: set `{key}:` in the config or pass --{key.replace('_', '-')}")
+        if self.mode not in MODES:
+            raise TrainError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.train_on not in ("assistant", "all"):
+            raise TrainError(f"train_on {self.train_on!r}: expected 'assistant' or 'all'")
+        if self.max_steps < 1 or self.batch_size < 1:
+            raise TrainError("max_steps and batch_size must be >= 1")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class GraftTrainer(Trainer):
+    """Trainer that computes its own loss (with new-token sums), builds per-group optimizers, and
+    saves/loads only the trained parts."""
+
+    def __init__(self, *a, tg: dict, **kw):
+        super().__init__(*a, **kw)
+        self.tg = tg
+        self.model_accepts_loss_kwargs = True  # have the Trainer count label tokens over the global batch
+        self.loss_is_scaled_for_ga = True  # our loss is a sum / global token count
+        self._sums: dict | None = None
+        self._remap = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        total, sums = token_stats(out.logits, labels, self.tg["is_new"].to(labels.device))
+        denom = num_items_in_batch if num_items_in_batch is not None else sums["n"].clamp(min=1)
+        loss = total / denom
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        if self._sums is None:
+            self._sums = {k: torch.zeros((), dtype=torch.float64) for k in sums}
+        for k, v in sums.items():
+            self._sums[k] += v.detach().double().cpu()
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._sums is not None:
+            sums = self._sums
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                vec = torch.stack([sums[k] for k in sorted(sums)])
+                torch.distributed.all_reduce(vec)
+                sums = dict(zip(sorted(sums), vec))
+            logs.update(summarize(sums))
+            logs.update(row_norms(self.tg["base"], self.tg["rows"], self.tg["base_rows"]))
+            self._sums = None
+        super().log(logs, start_time)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            c = self.tg["config"]
+            groups = param_groups(self.tg["base"] if c.mode != "lora" else self.model, self.tg["rows"], c.lr,
+                                  c.weight_decay, c.rows_lr, c.rows_weight_decay)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self.args.should_save:
+            return
+        t = self.tg
+        save_parts(output_dir or self.args.output_dir, self.model, t["base"], t["rows"], t["info"], t["manifest"],
+                   t["tokenizer"], t["processor"])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        t = self.tg
+        self._remap = resume_parts(resume_from_checkpoint, self.model, t["base"], t["rows"], t["info"],
+                                   log=t["log"])
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self._remap is None:
+            return
+        # the token set changed: carry the new rows' Adam moments by token identity too
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        for p in self.tg["rows"].parameters():
+            st = opt.state.get(p, {})
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and v.ndim == 2 and v.shape[0] == self._remap.source_rows:
+                    st[k] = self._remap.apply(v)
+
+
+class StopAfter(TrainerCallback):
+    """Stop with a checkpoint after ``n`` steps: a planned interruption (time-boxed jobs, tests)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.n:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class Monitor(TrainerCallback):
+    """Rank 0: metrics to JSONL/TensorBoard; generation eval at eval steps and at the end."""
+
+    def __init__(self, writer: MetricsWriter | None, eval_fn, eval_steps: int, log=print):
+        self.writer, self.eval_fn, self.eval_steps, self.log = writer, eval_fn, eval_steps, log
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.writer is not None and state.is_world_process_zero and logs:
+            self.writer.write(state.global_step, {k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+    def _eval(self, state):
+        if self.eval_fn is None or not state.is_world_process_zero:
+            return
+        res = self.eval_fn()
+        self.log(f"eval @ step {state.global_step}: new-token precision {res['eval_new_precision']:.3f}, "
+                 f"recall {res['eval_new_recall']:.3f}, exact {res['eval_new_exact']:.3f}")
+        if self.writer is not None:
+            self.writer.write(state.global_step, res)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.eval_steps and state.global_step % self.eval_steps == 0:
+            self._eval(state)
+
+    def on_train_end(self, args, state, control, **kw):
+        if not (self.eval_steps and state.global_step % self.eval_steps == 0):
+            self._eval(state)
+
+
+def resolve_tokens(cfg: TrainConfig, records) -> list:
+    """The token specs: a list, a comma-separated string, ``from-data PATTERN``, and/or a file."""
+    toks = cfg.tokens
+    if isinstance(toks, str) and toks.strip().startswith("from-data"):
+        pattern = toks.strip()[len("from-data"):].strip()
+        if not pattern:
+            raise TrainError("--tokens from-data needs a pattern, e.g. --tokens \"from-data <loc_\\d+>|</?box>\"")
+        toks = tokens_from_data(records, pattern)
+    specs = parse_tokens(toks, cfg.tokens_file)
+    if not specs:
+        raise TrainError("no tokens: pass --tokens (a list, or from-data PATTERN) or --tokens-file")
+    return specs
+
+
+def _resume_folder(cfg: TrainConfig) -> Path | None:
+    if not cfg.resume:
+        return None
+    if isinstance(cfg.resume, str) and cfg.resume not in ("true", "True", "1", "latest"):
+        p = Path(cfg.resume)
+        if not p.is_dir():
+            raise TrainError(f"--resume {p}: no such checkpoint folder")
+        return p
+    cks = checkpoints(cfg.output_dir)
+    if not cks:
+        raise TrainError(f"--resume: no checkpoint-N folder in {cfg.output_dir}; start without --resume")
+    return cks[-1]
+
+
+def train(cfg: TrainConfig, log=None) -> Path:
+    """Run one SFT job; returns the run folder (see :mod:`tokengraft.train.run` for its layout)."""
+    cfg.check()
+    rank0 = _rank() == 0
+    log = log or (print if rank0 else (lambda *a, **k: None))
+    run_dir = Path(cfg.output_dir)
+    ckpt = _resume_folder(cfg)
+    if not cfg.preflight_only and ckpt is None and run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise TrainError(f"{run_dir}: already holds a run; pass --resume to continue it, --overwrite to "
+                         f"start over, or choose another --output-dir")
+
+    torch.manual_seed(cfg.seed)
+    model, tok, proc, manifest0 = load_folder(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
+    base_fp = fingerprint(vocab_of(tok))
+    base_rows = len(vocab_of(tok))
+    records = load_records(cfg.data)
+    eval_records = load_records(cfg.eval_data) if cfg.eval_data else []
+    if not eval_records and cfg.eval_holdout:
+        records, eval_records = records[:-cfg.eval_holdout], records[-cfg.eval_holdout:]
+    specs = resolve_tokens(cfg, records)
+    if cfg.init:
+        for s in specs:
+            s.init = cfg.init
+    token_dicts = [dataclasses.asdict(s) for s in specs]
+    manifest = graft(model, tok, token_dicts, manifest=manifest0, processor=proc,
+                     pad_to_multiple_of=cfg.pad_to_multiple_of, log=log)
+    new_tokens = [s.content for s in specs]
+    new_ids = tok.convert_tokens_to_ids(new_tokens)
+    img_id = image_token_id_of(model) if proc is not None else None
+    n_img = image_token_count(proc, img_id) if img_id is not None else 0
+
+    rep = preflight(records + eval_records, tok, new_tokens, image_folder=cfg.image_folder, template=cfg.template,
+                    max_length=cfg.max_length, image_token_id=img_id, n_image_tokens=n_img, train_on=cfg.train_on)
+    log(rep.format())
+    problems = [p for p in rep.problems
+                if not (cfg.allow_text_tags and "look like special tokens" in p)
+                and not (cfg.allow_missing_tokens and "never appear" in p)]
+    if cfg.preflight_only:
+        if problems:
+            raise PreflightError("pre-flight: " + "; ".join(problems))
+        return run_dir
+    if problems:
+        raise PreflightError("pre-flight: " + "; ".join(problems))
+
+    ds = LlavaDataset(records, tok, proc, cfg.image_folder, cfg.template, cfg.max_length, cfg.train_on,
+                      image_token_id=img_id, log=log)
+    lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets}
+    plan = prepare(model, cfg.mode, new_ids, manifest.tied, train_projector=cfg.train_projector,
+                   train_vision=cfg.train_vision, lora=lora)
+    log(f"mode {cfg.mode}: {plan.trainable:,} trainable of {plan.total:,} parameters "
+        f"({len(new_ids)} new rows x {model.get_input_embeddings().weight.shape[1]})")
+    info = RunInfo(base_model=str(Path(cfg.model).resolve()), base_vocab_fingerprint=base_fp, mode=cfg.mode,
+                   tokens=token_dicts, new_tokens=new_tokens, tied=manifest.tied,
+                   pad_to_multiple_of=cfg.pad_to_multiple_of, train_projector=cfg.train_projector,
+                   train_vision=cfg.train_vision, lora=lora if cfg.mode == "lora" else {})
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            for stale in ("metrics.jsonl",):
+                (run_dir / stale).unlink(missing_ok=True)
+        info.save(run_dir)
+        manifest.save(run_dir)
+        (run_dir / "config.train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+
+    is_new = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    is_new[torch.tensor(new_ids)] = True
+    cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
+        data_seed=cfg.seed, report_to="none", use_cpu=cpu, ddp_backend="gloo" if cpu and _world() > 1 else None,
+        dataloader_num_workers=cfg.workers, remove_unused_columns=False, label_names=["labels"],
+        disable_tqdm=not (cfg.progress and rank0), bf16=cfg.bf16, ddp_find_unused_parameters=False,
+        logging_first_step=True)
+    render = renderer(tok, cfg.template)
+    eval_fn = None
+    if eval_records:
+        def eval_fn():
+            return generation_eval(plan.model, tok, proc, eval_records, render, new_ids, image_folder=cfg.image_folder,
+                                   image_token_id=img_id, n_image_tokens=n_img, max_new_tokens=cfg.eval_max_new_tokens)
+    writer = MetricsWriter(run_dir, cfg.tensorboard) if rank0 else None
+    callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log)]
+    if cfg.stop_after:
+        callbacks.append(StopAfter(cfg.stop_after))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tg = {"config": cfg, "base": model, "rows": plan.rows, "info": info, "manifest": manifest, "tokenizer": tok,
+          "processor": proc, "is_new": is_new, "base_rows": base_rows, "log": log}
+    trainer = GraftTrainer(model=plan.model, args=args, train_dataset=ds, data_collator=Collator(pad),
+                           callbacks=callbacks, tg=tg)
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    trainer.save_model(str(run_dir))
+    if rank0:
+        plot(run_dir)
+        log(f"run folder: {run_dir} (load it with tokengraft.train.run.load_run, or `tokengraft export`)")
+    return run_dir
