@@ -94,3 +94,19 @@ def test_load_checkpoint_round_trip(grafted):
     with torch.no_grad():
         nxt = model_b(ids).logits[0, -1].argmax()
     assert tok_b.decode(nxt).strip() == "Paris"
+
+
+def test_light_tokenizer_agrees_with_transformers(grafted):
+    """convert reads tokenizer.json with `tokenizers` alone (no transformers import); it must see
+    exactly what AutoTokenizer sees."""
+    from transformers import AutoTokenizer
+
+    from tokengraft.checkpoint.sources import light_tokenizer
+    from tokengraft.vocab import vocab_of
+
+    d = grafted[0]
+    for folder in (d / "A", d / "B"):
+        light, full = light_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+        assert light is not None and vocab_of(light) == vocab_of(full)
+        for text in ("loc_17", "box", "The capital of France <a> is"):
+            assert light(text)["input_ids"] == full(text, add_special_tokens=False)["input_ids"]

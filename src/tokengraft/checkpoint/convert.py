@@ -25,9 +25,10 @@ from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
 from ..vocab import fingerprint
 from .readers import Checkpoint, CheckpointError, open_checkpoint, safetensors_header
-from .remap import RemapError, RemapReport, build_row_map, check_explained, classify, infer_rows, remap_state_dict
+from .remap import (RemapError, RemapReport, _is_tied, build_row_map, check_explained, classify, infer_rows,
+                    remap_optimizer_state, remap_state_dict, remap_tensor)
 from .sources import SourceVocabError, manifest_vocab, resolve_source_vocab
-from .stwriter import copy_entry, tensor_entry, write_safetensors
+from .stwriter import DTYPE_NAMES, Entry, copy_entry, tensor_entry, write_safetensors
 
 TOKENIZER_OUT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -48,9 +49,8 @@ class Target:
 
 def load_target(target, source_vocab_hint=None) -> Target:
     """A folder with a tokenizer (and maybe config.json / tokengraft.json)."""
-    from transformers import AutoTokenizer
-
     from ..vocab import vocab_of
+    from .sources import load_tokenizer
 
     p = Path(target)
     if p.is_file() and p.name == MANIFEST_FILE:
@@ -59,10 +59,9 @@ def load_target(target, source_vocab_hint=None) -> Target:
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: target folder not found (expected a folder with a tokenizer)")
     try:
-        tok = AutoTokenizer.from_pretrained(p)
-    except Exception as e:  # transformers raises many types for a folder without a tokenizer
-        raise CheckpointError(f"{p}: cannot load the target tokenizer ({type(e).__name__}: {e}); the target must "
-                              f"be a folder with tokenizer files") from None
+        tok = load_tokenizer(p)
+    except SourceVocabError as e:
+        raise CheckpointError(f"target {e}; the target must be a folder with tokenizer files") from None
     config = None
     if (p / "config.json").is_file():
         config = json.loads((p / "config.json").read_text(encoding="utf-8"))
@@ -131,30 +130,61 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
         if not any(found[k].side == "output" and found[k].kind == "weight" for k in vocab_keys):
             tied = tied or None  # no head saved: decide from the state dict
 
-    vocab_sd = {k: ck.get(k) for k in vocab_keys}
-    optimizer = info.optimizer
-    new_vocab_sd, report = remap_state_dict(vocab_sd, source_vocab, tgt.vocab, init=init, tokenizer=tgt.tokenizer,
-                                            row_map=row_map, adapter_config=info.adapter_config, tied=tied,
-                                            optimizer=None)
+    streaming = (info.format == "hf-folder" and info.optimizer is None and info.adapter_config is None
+                 and all(f.endswith(".safetensors") for f in info.files))
+    if streaming:
+        # one vocabulary tensor in memory at a time, computed while its shard is being written
+        report = RemapReport(row_map)
+        tied = _is_tied(found) if tied is None else tied
+        new = _LazyRemap(ck, found, row_map, report, init=init, tied=tied, tokenizer=tgt.tokenizer,
+                         base_rows=len(source_vocab) if source_vocab is not None else rows)
+    else:
+        vocab_sd = {k: ck.get(k) for k in vocab_keys}
+        new, report = remap_state_dict(vocab_sd, source_vocab, tgt.vocab, init=init, tokenizer=tgt.tokenizer,
+                                       row_map=row_map, adapter_config=info.adapter_config, tied=tied)
+        del vocab_sd
     report.source_how = how
     report.notes += info.notes
-    if optimizer is not None:
+    if info.inert:
+        report.notes.append(f"non-tensor objects left inert (never imported or run): {', '.join(info.inert[:6])}")
+    if info.optimizer is not None:
         # moments are matched against the full state dict's order, so give it every key (data stays lazy)
-        from .remap import remap_optimizer_state
-
         full_shapes = {k: _ShapeOnly(ck.shape(k)) for k in ck.keys()}
-        report.optimizer = remap_optimizer_state(optimizer, full_shapes, found, row_map, None, report)
+        report.optimizer = remap_optimizer_state(info.optimizer, full_shapes, found, row_map, None, report)
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
         if info.format in ("hf-folder", "peft") and all(f.endswith((".safetensors", ".bin")) for f in info.files):
-            _write_same_layout(ck, tmp, new_vocab_sd, report)
+            _write_same_layout(ck, tmp, new, report)
         else:
-            _write_safetensors_folder(ck, tmp, new_vocab_sd, report)
+            _write_safetensors_folder(ck, tmp, new, report)
         _write_metadata(info, tgt, tmp, row_map.target_rows, report, src)
     for line in report.lines():
         log(line)
     log(f"wrote {out}")
     return report
+
+
+class _LazyRemap:
+    """Vocabulary tensors remapped on demand (read, remap, hand over; nothing kept)."""
+
+    def __init__(self, ck: Checkpoint, found: dict, rm, report: RemapReport, **kw):
+        self.ck, self.rm, self.report, self.kw = ck, rm, report, kw
+        self.vts = {k: v for k, v in found.items() if v is not None}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __contains__(self, k):
+        return k in self.vts
+
+    def __iter__(self):
+        return iter(self.vts)
+
+    def shape(self, k) -> tuple[int, ...]:
+        s = list(self.ck.shape(k))
+        s[self.vts[k].dim] = self.rm.target_rows
+        return tuple(s)
+
+    def __getitem__(self, k) -> torch.Tensor:
+        return remap_tensor(self.ck.get(k), self.vts[k], self.rm, self.report, gen=self.gen, **self.kw)
 
 
 class _ShapeOnly:
@@ -177,7 +207,7 @@ def _write_same_layout(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport
             header = safetensors_header(info.root / f)
             start = 8 + int.from_bytes(open(info.root / f, "rb").read(8), "little")
             order = sorted(keys, key=lambda k: header[k]["data_offsets"][0])
-            entries = [tensor_entry(k, new[k]) if k in new else copy_entry(k, info.root / f, header, start)
+            entries = [_new_entry(k, new, ck) if k in new else copy_entry(k, info.root / f, header, start)
                        for k in order]
             write_safetensors(dst, entries, header.get("__metadata__"))
         else:  # a .bin shard: same format out (plain tensors only, loadable with weights_only=True)
@@ -194,13 +224,28 @@ def _write_same_layout(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport
         (tmp / "adapter_config.json").write_text(json.dumps(report.adapter_config, indent=2) + "\n", encoding="utf-8")
 
 
-def _nbytes(ck: Checkpoint, k: str, new: dict) -> int:
-    if k in new:
-        return new[k].numel() * new[k].element_size()
+def _new_shape(k: str, new, ck: Checkpoint) -> tuple[int, ...]:
+    if k not in new:
+        return ck.shape(k)
+    return new.shape(k) if isinstance(new, _LazyRemap) else tuple(new[k].shape)
+
+
+def _nbytes(ck: Checkpoint, k: str, new) -> int:
     n = 1
-    for d in ck.shape(k):
+    for d in _new_shape(k, new, ck):
         n *= d
     return n * torch.empty((), dtype=ck.dtype(k)).element_size()
+
+
+def _new_entry(k: str, new, ck: Checkpoint) -> Entry:
+    """A safetensors entry whose tensor is computed only when the writer reaches it."""
+    if not isinstance(new, _LazyRemap):
+        return tensor_entry(k, new[k])
+    shape = new.shape(k)
+
+    def write(fh):
+        tensor_entry(k, new[k]).write(fh)
+    return Entry(k, DTYPE_NAMES[ck.dtype(k)], shape, _nbytes(ck, k, new), write)
 
 
 def _write_safetensors_folder(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport) -> None:

@@ -164,6 +164,37 @@ def _content_pieces(tokenizer, content: str | None) -> list[int]:
         return []
 
 
+CHUNK_ROWS = 8192
+
+
+def trained_mean(source: torch.Tensor, base_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``init.trained_mask`` and ``init.mean_row`` (float32) computed in row chunks, so a bf16
+    vocabulary matrix is never copied whole to float32 (memory stays bounded by the tensor)."""
+    n = min(base_rows, source.shape[0])
+    norms = torch.cat([source[i:min(i + CHUNK_ROWS, n)].float().norm(dim=1) for i in range(0, n, CHUNK_ROWS)])
+    mask = torch.zeros(source.shape[0], dtype=torch.bool)
+    mask[:n] = norms > 0.05 * norms.median()  # the same rule as init.trained_mask
+    if not mask.any():
+        mask[:n] = True
+    total = torch.zeros(source.shape[1:], dtype=torch.float64)
+    for i in range(0, n, CHUNK_ROWS):
+        j = min(i + CHUNK_ROWS, n)
+        total += source[i:j][mask[i:j]].double().sum(0)
+    return mask, (total / int(mask.sum())).float()
+
+
+def gather(moved: torch.Tensor, rm: RowMap) -> torch.Tensor:
+    """``rm.apply(moved, 0)`` with a single allocation of the output (rows new to the target are zero)."""
+    if moved.shape[0] != rm.source_rows:
+        raise RemapError(f"tensor has {moved.shape[0]} rows, the row map expects {rm.source_rows}")
+    idx = rm.index_tensor()
+    out = moved.index_select(0, idx.clamp(min=0))
+    new = idx == NEW
+    if new.any():
+        out[new] = 0
+    return out
+
+
 def new_rows(source: torch.Tensor, gathered: torch.Tensor, vt: VocabTensor, rm: RowMap, init: str,
              tied: bool, tokenizer, base_rows: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
     """Values for the target's new rows of one tensor (vocabulary dim first) and the strategy per row."""
@@ -175,10 +206,7 @@ def new_rows(source: torch.Tensor, gathered: torch.Tensor, vt: VocabTensor, rm: 
         return torch.zeros((k, *rest), dtype=torch.float32), ["zero"] * k
     if vt.kind == "bias":
         return source[:base_rows].float().mean().expand(k).clone(), ["mean"] * k
-    mask = I.trained_mask(source, min(base_rows, source.shape[0]))
-    if not mask.any():
-        mask[: min(base_rows, source.shape[0])] = True
-    mean = I.mean_row(source, mask)
+    mask, mean = trained_mean(source, base_rows)
     rows, names = [], []
     # Output side (and a tied matrix, which is also the head): the mean over trained rows keeps the
     # model's text distribution almost unchanged. Input side: semantic pieces when we can.
@@ -270,27 +298,38 @@ def remap_state_dict(state_dict: dict, source_vocab, target_vocab, *, source_row
         if vt.kind == "trainable_tokens":
             out[k] = v  # handled with the adapter config below
             continue
-        if not v.is_floating_point():
-            raise RemapError(f"tensor {k!r} is vocabulary-shaped but has dtype {v.dtype}; expected a float tensor")
-        moved = v.movedim(vt.dim, 0)
-        gathered = rm.apply(moved, 0)
-        fill, names = new_rows(moved, gathered, vt, rm, init, tied, tokenizer, base_rows, gen)
-        if fill.numel():
-            idx = torch.tensor(rm.new_rows, dtype=torch.long)
-            gathered[idx] = fill.to(gathered.dtype).reshape(len(idx), *gathered.shape[1:])
-        out[k] = gathered.movedim(0, vt.dim).contiguous()
-        for t, n in zip(rm.new_rows, names):
-            tok = rm.new_tokens.get(t)
-            if tok is not None and vt.kind in ("weight",):
-                report.init.setdefault(f"{'tied' if tied else vt.side}:{tok}", n)
-        report.remapped.append({"key": k, "kind": vt.kind, "side": vt.side, "dim": vt.dim,
-                                "before": list(v.shape), "after": list(out[k].shape)})
+        out[k] = remap_tensor(v, vt, rm, report, init=init, tied=tied, tokenizer=tokenizer,
+                              base_rows=base_rows, gen=gen)
 
     if adapter_config is not None or _has_trainable_tokens(shapes):
         out, report.adapter_config = _remap_trainable_tokens(out, found, rm, adapter_config, report)
     if optimizer is not None:
         report.optimizer = remap_optimizer_state(optimizer, state_dict, found, rm, param_names, report)
     return out, report
+
+
+def remap_tensor(v: torch.Tensor, vt: VocabTensor, rm: RowMap, report: RemapReport, *, init: str = "auto",
+                 tied: bool = False, tokenizer=None, base_rows: int | None = None,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+    """One vocabulary-shaped tensor in the target layout, new rows initialized; recorded in ``report``."""
+    if not v.is_floating_point():
+        raise RemapError(f"tensor {vt.key!r} is vocabulary-shaped but has dtype {v.dtype}; expected a float tensor")
+    base_rows = rm.source_rows if base_rows is None else base_rows
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+    moved = v.movedim(vt.dim, 0)
+    gathered = gather(moved, rm)
+    fill, names = new_rows(moved, gathered, vt, rm, init, tied, tokenizer, base_rows, gen)
+    if fill.numel():
+        idx = torch.tensor(rm.new_rows, dtype=torch.long)
+        gathered[idx] = fill.to(gathered.dtype).reshape(len(idx), *gathered.shape[1:])
+    out = gathered.movedim(0, vt.dim).contiguous()
+    for t, n in zip(rm.new_rows, names):
+        tok = rm.new_tokens.get(t)
+        if tok is not None and vt.kind == "weight":
+            report.init.setdefault(f"{'tied' if tied else vt.side}:{tok}", n)
+    report.remapped.append({"key": vt.key, "kind": vt.kind, "side": vt.side, "dim": vt.dim,
+                            "before": list(v.shape), "after": list(out.shape)})
+    return out
 
 
 def check_explained(key: str, shape: tuple[int, ...], rows: int) -> None:
