@@ -4,13 +4,12 @@ __version__ = "0.1.0"
 
 from .manifest import AddedToken, Manifest, ManifestError  # noqa: E402
 from .vocab import RowMap, fingerprint, vocab_of  # noqa: E402
+from .graft import TokenSpec, graft, parse_tokens  # noqa: E402  (torch only; transformers loads lazily)
 
 
 def __getattr__(name):  # heavy (transformers-dependent) entry points load on first use
     import importlib
 
-    if name in ("graft", "TokenSpec", "parse_tokens"):
-        return getattr(importlib.import_module(".graft", __name__), name)
     if name in ("load_checkpoint", "remap_state_dict"):
         return getattr(importlib.import_module(".checkpoint", __name__), name)
     raise AttributeError(name)
