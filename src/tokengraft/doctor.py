@@ -41,6 +41,7 @@ ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 UNTRAINED_REL = 0.05  # a row below 5% of the median row norm looks untrained (as init.trained_mask)
 MAX_GROUPS = 4  # identical-row groups named in the one-line finding; the rest are counted
+SEMANTIC_INITS = {"subword", "describe", "copy"}  # inits that take base rows' values
 KL_WARN = 1e-3  # nats/token on prose without the new tokens: above this the new rows are visible
 
 
@@ -53,12 +54,16 @@ class Finding:
     severity: str  # error | warning | info
     code: str  # short stable id, e.g. "vocab-size-mismatch"
     message: str  # one line: what is wrong, where, what to run
+    data: dict | None = None  # figures behind the message, for --json consumers
 
     def __post_init__(self):
         assert self.severity in SEVERITIES, self.severity
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["data"] is None:
+            del d["data"]
+        return d
 
 
 def has_errors(findings: list[Finding]) -> bool:
@@ -489,17 +494,18 @@ def _manifest_roles(s: Subject) -> dict[int, Any]:
     return {t.id: t for t in s.manifest.tokens} if s.manifest is not None else {}
 
 
-def _by_design(group: list[int], added: dict[int, Any], side: str, base_tokens) -> str | None:
+def _by_design(group: list[int], added: dict[int, Any], side: str) -> str | None:
     """Why a group of identical rows is expected from its init, or None. New tokens that start from
-    the same row (mean, or a subword/description mean of the same pieces) are identical until
-    training separates them; a ``copy:TOKEN`` row equals its source."""
-    if not all(i in added for i in group):
-        copies = [added[i] for i in group if i in added and added[i].init.startswith("copy:")]
-        rest = [i for i in group if i not in added]
-        if copies and all(base_tokens(i) in {c.init.split(":", 1)[1] for c in copies} for i in rest):
-            return "copy"
+    the same row (the mean, or the subword mean of the same pieces) are identical until training
+    separates them; a semantic init from a single piece (subword of "box" for "<box>",
+    ``copy:TOKEN``) equals that one base token's row."""
+    new = [added[i] for i in group if i in added]
+    base = [i for i in group if i not in added]
+    if not new or len(base) > 1:  # two base tokens alike: the base itself has the problem
         return None
-    inits = sorted({_side_init(added[i].init, side) for i in group})
+    inits = sorted({_side_init(t.init, side) for t in new})
+    if base and not set(inits) <= SEMANTIC_INITS:
+        return None
     return "/".join(inits)
 
 
@@ -550,7 +556,7 @@ def check_rows(s: Subject) -> list[Finding]:
         groups = identical_groups(rows, keys, zero | weak)
         warn, info = [], []
         for g in groups:
-            why = _by_design(g, added, side, lambda i: tok.convert_ids_to_tokens(i) if tok is not None else None)
+            why = _by_design(g, added, side)
             (info if why else warn).append((g, why))
         if warn:
             gs = [g for g, _ in warn]
@@ -561,11 +567,11 @@ def check_rows(s: Subject) -> list[Finding]:
                                f"rows in {rows.name} ({shown}); the model cannot tell a group apart: they look "
                                f"untrained, train them before use"))
         for g, why in info:
-            if side == "output" and why != "copy":
+            if side == "output" and not set(why.split("/")) & SEMANTIC_INITS:
                 continue  # new output rows start equal by design (the invisible mean)
             out.append(Finding("info", f"identical-{side}-rows-by-init",
-                               f"{s.where}: grafted tokens {', '.join(f'{i} {name(i)}' for i in g[:6])} start from "
-                               f"the same {side} row (init {why}); expected until training separates them"))
+                               f"{s.where}: tokens {', '.join(f'{i} {name(i)}' for i in g[:6])} share one {side} row, "
+                               f"as their init ({why}) makes them; expected until training separates them"))
     return out
 
 
@@ -711,34 +717,47 @@ def run_checks(s: Subject) -> list[Finding]:
 # -- KL ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def kl_findings(model, tokenizer, manifest: Manifest | None, where: str = "model") -> list[Finding]:
-    """KL(base || grafted) on real prose: how much probability the grafted tokens' output rows take
-    from the base vocabulary on text that contains none of them (exact, from the head's inputs)."""
+def kl_of_grafted(hidden: torch.Tensor, weight: torch.Tensor, new_ids: list[int],
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position KL(base || grafted), where base is the head without rows ``new_ids`` and grafted
+    the whole head, from the head's inputs ``hidden`` (exact: see init.kl_of_added)."""
     from .init import kl_of_added
+
+    keep = torch.ones(weight.shape[0], dtype=torch.bool)
+    keep[new_ids] = False
+    z = hidden.float() @ weight[keep].float().T
+    if bias is not None:
+        z = z + bias[keep].float()
+    return kl_of_added(hidden, torch.logsumexp(z, dim=1), weight[new_ids].float(),
+                       None if bias is None else bias[new_ids])
+
+
+@torch.no_grad()
+def kl_findings(model, tokenizer, manifest: Manifest | None, where: str = "model",
+                hidden: torch.Tensor | None = None) -> list[Finding]:
+    """KL(base || grafted) on real prose: how much probability the grafted tokens' output rows take
+    from the rest of the vocabulary on text that contains none of them. ``hidden``: the head's
+    inputs on real text, if already computed (probe.head_inputs)."""
     from .probe import head_inputs, real_text
 
     if manifest is None or not manifest.tokens:
         return [Finding("info", "kl-skipped", f"{where}: no {MANIFEST_FILE} records which rows were grafted; "
                                               f"KL(base || grafted) needs it")]
     head = model.get_output_embeddings()
-    w, bias = head.weight, getattr(head, "bias", None)
-    new = sorted(t.id for t in manifest.tokens if 0 <= t.id < w.shape[0])
-    keep = torch.ones(w.shape[0], dtype=torch.bool)
-    keep[new] = False
-    hidden = head_inputs(model, tokenizer, real_text())
-    z = hidden @ w[keep].float().T
-    if bias is not None:
-        z = z + bias[keep].float()
-    kl = kl_of_added(hidden, torch.logsumexp(z, dim=1), w[new].float(), None if bias is None else bias[new])
+    new = sorted(t.id for t in manifest.tokens if 0 <= t.id < head.weight.shape[0])
+    if hidden is None:
+        hidden = head_inputs(model, tokenizer, real_text())
+    kl = kl_of_grafted(hidden, head.weight, new, getattr(head, "bias", None))
     mean, mass = float(kl.mean()), 1.0 - math.exp(-float(kl.max()))
-    msg = (f"{where}: KL(base || grafted) on {len(kl)} positions of real prose: {mean:.2e} nats/token; the "
+    data = {"kl_mean": mean, "max_mass": mass, "positions": len(kl), "rows": new}
+    msg = (f"{where}: KL(base || grafted) on {len(kl)} positions of real prose is {mean:.2e} nats/token; the "
            f"{len(new)} grafted token row(s) take at most {mass:.2e} of the probability at any position")
-    out = [Finding("info", "kl-invisibility", msg)]
+    out = [Finding("info", "kl-invisibility", msg, data)]
     if mean > KL_WARN:
         out.append(Finding("warning", "kl-visible",
                            f"{where}: grafted rows take {mean:.2e} nats/token (> {KL_WARN:g}) on text without "
                            f"them; the model predicts them where they do not belong: re-initialize their output "
-                           f"rows (`tokengraft add --init mean`) or train with text that uses them"))
+                           f"rows (`tokengraft add --init mean`) or train with text that uses them", data))
     return out
 
 
