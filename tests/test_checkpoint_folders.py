@@ -115,3 +115,27 @@ def test_read_state_dict_formats_agree(sharded, tmp_path):
     for p in (src, tmp_path / "w.pt", tmp_path / "w.safetensors"):
         sd, info = read_state_dict(p)
         assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref), p
+
+
+def test_streamed_convert_equals_in_memory_remap(sharded, tmp_path, monkeypatch):
+    """The disk-to-disk path (row chunks, pread runs) writes exactly what the in-memory remap
+    computes; tiny chunks force many chunk boundaries and runs."""
+    from transformers import AutoTokenizer
+
+    from tokengraft.checkpoint import remap as R
+    from tokengraft.checkpoint import stream as S
+    from tokengraft.checkpoint.remap import remap_state_dict
+
+    _, src, target, _ = sharded
+    monkeypatch.setattr(R, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(S, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(S, "OUT_CHUNK_BYTES", 3 * 32 * 4)  # 3 rows of 32 floats
+    out = tmp_path / "out"
+    convert(src, target, out, log=lambda *a: None)
+    got, _ = read_state_dict(out)
+    ref_in, _ = read_state_dict(src)
+    ref, _ = remap_state_dict(ref_in, [t for t in SRC if t], TGT, target_rows=100,
+                              tokenizer=AutoTokenizer.from_pretrained(target))
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k

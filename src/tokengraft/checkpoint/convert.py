@@ -28,6 +28,7 @@ from .readers import Checkpoint, CheckpointError, open_checkpoint, safetensors_h
 from .remap import (RemapError, RemapReport, _is_tied, build_row_map, check_explained, classify, infer_rows,
                     remap_optimizer_state, remap_state_dict, remap_tensor)
 from .sources import SourceVocabError, manifest_vocab, resolve_source_vocab
+from .stream import SafetensorsRows, streamable, write_remapped
 from .stwriter import DTYPE_NAMES, Entry, copy_entry, tensor_entry, write_safetensors
 
 TOKENIZER_OUT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -165,12 +166,14 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
 
 
 class _LazyRemap:
-    """Vocabulary tensors remapped on demand (read, remap, hand over; nothing kept)."""
+    """Vocabulary tensors remapped on demand, streamed from the source file to the output when their
+    vocabulary dimension comes first (nothing kept, memory bounded by a few row chunks)."""
 
     def __init__(self, ck: Checkpoint, found: dict, rm, report: RemapReport, **kw):
         self.ck, self.rm, self.report, self.kw = ck, rm, report, kw
         self.vts = {k: v for k, v in found.items() if v is not None}
         self.gen = torch.Generator().manual_seed(0)
+        self._headers: dict = {}
 
     def __contains__(self, k):
         return k in self.vts
@@ -185,6 +188,23 @@ class _LazyRemap:
 
     def __getitem__(self, k) -> torch.Tensor:
         return remap_tensor(self.ck.get(k), self.vts[k], self.rm, self.report, gen=self.gen, **self.kw)
+
+    def write(self, k, fh) -> None:
+        vt = self.vts[k]
+        if not streamable(vt, self.ck.shape(k)):
+            tensor_entry(k, self[k]).write(fh)
+            return
+        path = self.ck.info.root / self.ck.file_of(k)
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                start = 8 + int.from_bytes(f.read(8), "little")
+            self._headers[path] = (safetensors_header(path), start)
+        header, start = self._headers[path]
+        src = SafetensorsRows(path, header, start, k)
+        try:
+            write_remapped(fh, src, vt, self.rm, self.report, gen=self.gen, **self.kw)
+        finally:
+            src.close()
 
 
 class _ShapeOnly:
@@ -244,7 +264,7 @@ def _new_entry(k: str, new, ck: Checkpoint) -> Entry:
     shape = new.shape(k)
 
     def write(fh):
-        tensor_entry(k, new[k]).write(fh)
+        new.write(k, fh)
     return Entry(k, DTYPE_NAMES[ck.dtype(k)], shape, _nbytes(ck, k, new), write)
 
 

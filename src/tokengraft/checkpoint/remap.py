@@ -164,23 +164,35 @@ def _content_pieces(tokenizer, content: str | None) -> list[int]:
         return []
 
 
-CHUNK_ROWS = 8192
+CHUNK_ROWS = 2048
 
 
 def trained_mean(source: torch.Tensor, base_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``init.trained_mask`` and ``init.mean_row`` (float32) computed in row chunks, so a bf16
     vocabulary matrix is never copied whole to float32 (memory stays bounded by the tensor)."""
-    n = min(base_rows, source.shape[0])
-    norms = torch.cat([source[i:min(i + CHUNK_ROWS, n)].float().norm(dim=1) for i in range(0, n, CHUNK_ROWS)])
-    mask = torch.zeros(source.shape[0], dtype=torch.bool)
-    mask[:n] = norms > 0.05 * norms.median()  # the same rule as init.trained_mask
-    if not mask.any():
+    return chunked_stats(lambda a, b: source[a:b], lambda rows: source[rows], source.shape[0], base_rows)
+
+
+def chunked_stats(read, take, rows: int, base_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over rows ``[0, n)`` (``read(a, b)`` gives a chunk): norms and the sum of all rows;
+    then the rows that do not look trained (the rule of ``init.trained_mask``: norm at most 5% of
+    the median) are read again (``take``) and taken out of the sum. Usually they are few."""
+    n = min(base_rows, rows)
+    norms, total = [], None
+    for a in range(0, n, CHUNK_ROWS):
+        chunk = read(a, min(a + CHUNK_ROWS, n)).float()
+        norms.append(chunk.norm(dim=1))
+        part = chunk.sum(0).double()
+        total = part if total is None else total + part
+    norms = torch.cat(norms)
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[:n] = norms > 0.05 * norms.median()
+    if not mask[:n].any():
         mask[:n] = True
-    total = torch.zeros(source.shape[1:], dtype=torch.float64)
-    for i in range(0, n, CHUNK_ROWS):
-        j = min(i + CHUNK_ROWS, n)
-        total += source[i:j][mask[i:j]].double().sum(0)
-    return mask, (total / int(mask.sum())).float()
+    off = (~mask[:n]).nonzero().flatten().tolist()
+    if off:
+        total = total - take(off).float().sum(0).double()
+    return mask, (total / (n - len(off))).float()
 
 
 def gather(moved: torch.Tensor, rm: RowMap) -> torch.Tensor:
@@ -195,18 +207,36 @@ def gather(moved: torch.Tensor, rm: RowMap) -> torch.Tensor:
     return out
 
 
-def new_rows(source: torch.Tensor, gathered: torch.Tensor, vt: VocabTensor, rm: RowMap, init: str,
-             tied: bool, tokenizer, base_rows: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """Values for the target's new rows of one tensor (vocabulary dim first) and the strategy per row."""
+class Rows:
+    """Read access to a source matrix (vocabulary dim first): in memory, or streamed from disk."""
+
+    def __init__(self, source: torch.Tensor):
+        self.source = source
+        self.shape = tuple(source.shape)
+
+    def take(self, rows: list[int]) -> torch.Tensor:
+        return self.source[rows]
+
+    def stats(self, base_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return trained_mean(self.source, base_rows)
+
+    def all(self) -> torch.Tensor:
+        return self.source
+
+
+def new_rows(src: "Rows", vt: VocabTensor, rm: RowMap, init: str, tied: bool, tokenizer, base_rows: int,
+             gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """Values (float32, new rows x the other dims) for the target's new rows of one tensor, and the
+    strategy used for each."""
     new = rm.new_rows
     k = len(new)
-    rest = gathered.shape[1:]
-    if vt.kind in ("lora_B", "lora_embedding_A", "moment") or init == "zero":
+    rest = src.shape[1:]
+    if vt.kind in ("lora_B", "lora_embedding_A", "moment") or init == "zero" or not k:
         # a LoRA delta of zero leaves the new row at its base value; fresh moments start at zero
         return torch.zeros((k, *rest), dtype=torch.float32), ["zero"] * k
     if vt.kind == "bias":
-        return source[:base_rows].float().mean().expand(k).clone(), ["mean"] * k
-    mask, mean = trained_mean(source, base_rows)
+        return src.all()[:base_rows].float().mean().expand(k).clone(), ["mean"] * k
+    mask, mean = src.stats(base_rows)
     rows, names = [], []
     # Output side (and a tied matrix, which is also the head): the mean over trained rows keeps the
     # model's text distribution almost unchanged. Input side: semantic pieces when we can.
@@ -217,17 +247,28 @@ def new_rows(source: torch.Tensor, gathered: torch.Tensor, vt: VocabTensor, rm: 
         if method == "auto":
             method = "subword" if (semantic_ok and tok is not None and tokenizer is not None) else "mean"
         if method == "subword" and vt.side == "input" and tok is not None:
-            pieces = [p for p in _content_pieces(tokenizer, tok)
-                      if 0 <= p < gathered.shape[0] and rm.source[p] != NEW]
-            rows.append(I.subword_row(gathered, pieces, mean) if pieces else mean)
+            # pieces are target ids; their rows are the source rows the map sends there
+            pieces = [rm.source[p] for p in _content_pieces(tokenizer, tok)
+                      if 0 <= p < rm.target_rows and rm.source[p] != NEW]
+            rows.append(src.take(pieces).float().mean(dim=0) if pieces else mean)
             names.append("subword" if pieces else "mean")
         elif method == "hewitt":
-            rows.append(I.hewitt_rows(source, mask, 1, generator=gen)[0])
+            rows.append(I.hewitt_rows(src.all(), mask, 1, generator=gen)[0])
             names.append("hewitt")
         else:
             rows.append(mean)
             names.append("mean")
-    return torch.stack(rows) if rows else torch.zeros((0, *rest)), names
+    return torch.stack(rows), names
+
+
+def record(report: "RemapReport", vt: VocabTensor, rm: RowMap, names: list[str], tied: bool,
+           before, after) -> None:
+    for t, n in zip(rm.new_rows, names):
+        tok = rm.new_tokens.get(t)
+        if tok is not None and vt.kind == "weight":
+            report.init.setdefault(f"{'tied' if tied else vt.side}:{tok}", n)
+    report.remapped.append({"key": vt.key, "kind": vt.kind, "side": vt.side, "dim": vt.dim,
+                            "before": list(before), "after": list(after)})
 
 
 # -- remap -----------------------------------------------------------------------------------------
@@ -318,17 +359,12 @@ def remap_tensor(v: torch.Tensor, vt: VocabTensor, rm: RowMap, report: RemapRepo
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
     moved = v.movedim(vt.dim, 0)
     gathered = gather(moved, rm)
-    fill, names = new_rows(moved, gathered, vt, rm, init, tied, tokenizer, base_rows, gen)
+    fill, names = new_rows(Rows(moved), vt, rm, init, tied, tokenizer, base_rows, gen)
     if fill.numel():
         idx = torch.tensor(rm.new_rows, dtype=torch.long)
         gathered[idx] = fill.to(gathered.dtype).reshape(len(idx), *gathered.shape[1:])
     out = gathered.movedim(0, vt.dim).contiguous()
-    for t, n in zip(rm.new_rows, names):
-        tok = rm.new_tokens.get(t)
-        if tok is not None and vt.kind == "weight":
-            report.init.setdefault(f"{'tied' if tied else vt.side}:{tok}", n)
-    report.remapped.append({"key": vt.key, "kind": vt.kind, "side": vt.side, "dim": vt.dim,
-                            "before": list(v.shape), "after": list(out.shape)})
+    record(report, vt, rm, names, tied, v.shape, out.shape)
     return out
 
 
@@ -502,8 +538,12 @@ def load_checkpoint(model, path, tokenizer=None, *, source_tokenizer=None, sourc
     row_map = None
     if rows is not None:
         row_map = build_row_map(source_vocab, target_vocab, rows, target_rows)
+    tied = None
+    if emb is not None and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+        tied = model.get_output_embeddings().weight is emb.weight  # the model knows; the file may hold both
     new_sd, report = remap_state_dict(sd, source_vocab, target_vocab, target_rows=target_rows, init=init,
-                                      tokenizer=tokenizer, row_map=row_map, adapter_config=info.adapter_config)
+                                      tokenizer=tokenizer, row_map=row_map, adapter_config=info.adapter_config,
+                                      tied=tied)
     report.source_how = how
     report.notes += info.notes
     if info.inert:
