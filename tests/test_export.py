@@ -62,49 +62,46 @@ def _no_temp_siblings(out):
 def test_export_grafted_smollm2_tied(smollm2, tmp_path):
     from transformers import AutoConfig
 
-    from tokengraft.export import export
+    from tokengraft.export import export_model
     from tokengraft.graft import graft
 
     model, tok = smollm2
-    man = graft(model, tok, TOKENS, **QUIET)
+    # no padding rows here: graft measures them on real text (slow on 2 shared cores); the tiny
+    # tests check that padding rows end up in suppress_tokens
+    man = graft(model, tok, TOKENS, pad_to_multiple_of=1, **QUIET)
     _change_new_rows(model, man)
-    src = tmp_path / "grafted"
-    from tokengraft.io import save_folder
-
-    save_folder(src, model, tok, man)
-    rep = export(src, tmp_path / "out", verify_output=True, max_shard_size="200MB", **QUIET)
+    rep = export_model(model, tok, None, man, tmp_path / "out", verify_output=True, max_shard_size="200MB", **QUIET)
     v = rep.verify
     assert v.ok, v.problems
     assert v.max_abs_diff <= 1e-5 and v.generation_equal and v.tied is True and v.tokens_checked == 3
     assert v.probes == 2  # prose without the new tokens, and a text using them
     out = tmp_path / "out"
     cfg = AutoConfig.from_pretrained(out)
-    assert cfg.tie_word_embeddings is True and cfg.vocab_size == rep.rows == 49216
+    assert cfg.tie_word_embeddings is True and cfg.vocab_size == rep.rows == 49155
     assert len([f for f in rep.files if f.endswith(".safetensors")]) >= 2  # sharded at 200MB
     assert "model.safetensors.index.json" in rep.files
     gen = json.loads((out / "generation_config.json").read_text())
     stop = tok.convert_tokens_to_ids("</box>")
     eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert stop in eos and tok.eos_token_id in eos
-    assert set(gen["suppress_tokens"]) == set(range(len(tok), rep.rows))
+    assert not gen.get("suppress_tokens")  # no padding rows
     hist = json.loads((out / "tokengraft.json").read_text())["history"]
     assert [h["op"] for h in hist][-2:] == ["add", "export"]
-    assert json.loads((src / "tokengraft.json").read_text())["history"][-1]["op"] == "add"  # input untouched
+    assert man.history[-1]["op"] == "add"  # the caller's manifest is not modified
 
 
 def test_export_llava_with_new_tokens(llava_dir, tmp_path):
     """The LLaVA fixture + new tokens with trained rows: image probe included, tied stays tied."""
-    from tokengraft.export import export
+    from tokengraft.export import export_model
     from tokengraft.graft import graft
-    from tokengraft.io import load_folder, save_folder
+    from tokengraft.io import load_folder
 
     model, tok, proc, man = load_folder(llava_dir)
     man = graft(model, tok, TOKENS[:2], manifest=man, processor=proc, **QUIET)
     _change_new_rows(model, man, seed=1)
     with torch.no_grad():  # and a trained projector
         model.model.multi_modal_projector.linear_2.bias += 0.01
-    save_folder(tmp_path / "src", model, tok, man, processor=proc)
-    rep = export(tmp_path / "src", tmp_path / "out", verify_output=True, **QUIET)
+    rep = export_model(model, tok, proc, man, tmp_path / "out", source=llava_dir, verify_output=True, **QUIET)
     v = rep.verify
     assert v.ok, v.problems
     assert v.probes == 3 and v.max_abs_diff <= 1e-5 and v.generation_equal and v.tied is True
@@ -129,6 +126,9 @@ def test_untied_stays_untied_and_bf16(tiny_dir, tmp_path):
     assert m.config.tie_word_embeddings is False
     ref = AutoModelForCausalLM.from_pretrained(tiny_dir)
     assert torch.equal(m.lm_head.weight, ref.lm_head.weight)  # the trained head survived the round trip
+    assert rep.rows == 49216 and set(m.generation_config.suppress_tokens) == set(range(49155, 49216))
+    stop = m.generation_config.eos_token_id
+    assert rep.stop_token_ids and set(rep.stop_token_ids) <= set(stop if isinstance(stop, list) else [stop])
 
     rep16 = export(tiny_dir, tmp_path / "bf16", dtype="bf16", verify_output=True, **QUIET)
     assert rep16.verify.ok, rep16.verify.problems
@@ -250,3 +250,53 @@ def test_tokenizer_changed_behind_the_manifest(tiny_dir, tmp_path):
     with pytest.raises(ExportError, match="not the one tokengraft.json records"):
         export(src, tmp_path / "out", **QUIET)
     assert not (tmp_path / "out").exists()
+
+
+# -- training runs (tokengraft train) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grounding(tmp_path_factory):
+    from tokengraft.demo.data import make_grounding_dataset
+
+    return make_grounding_dataset(tmp_path_factory.mktemp("grounding"), n_train=8, n_eval=2, bins=4, seed=0)
+
+
+def _train(base, data, out, mode):
+    from tokengraft.train.trainer import TrainConfig, train
+
+    return train(TrainConfig(model=str(base), data=str(data["train"]), image_folder=str(data["image_folder"]),
+                             tokens=data["tokens"], init="mean", template="chatml", output_dir=str(out),
+                             mode=mode, batch_size=4, max_steps=2, lr=2e-2, logging_steps=1, save_steps=100,
+                             progress=False, tensorboard=False, max_length=128))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["rows", "lora"])
+def test_export_training_run(llava_dir, grounding, copy_dir, tmp_path, mode):
+    """A `rows` and a `lora` run on the SmolLM2 LLaVA: reload equals the merged run (logits,
+    greedy generation, single-id tokens, tied); then the base folder changes -> a clear error."""
+    from transformers import AutoTokenizer
+
+    from tokengraft.cli import main
+    from tokengraft.export import export, source_kind
+
+    base = copy_dir(llava_dir, "base")
+    run = _train(base, grounding, tmp_path / "run", mode)
+    assert source_kind(run) == "run"
+    rep = export(run, tmp_path / "out", verify_output=True, **QUIET)
+    v = rep.verify
+    assert v.ok, v.problems
+    assert rep.kind == "run" and v.probes == 3 and v.max_abs_diff <= 1e-5 and v.generation_equal
+    assert v.tied is True and rep.tied and v.tokens_checked == len(grounding["tokens"]) + 1  # + <image>
+    assert not any(f.startswith("adapter_") for f in rep.files)  # merged: a plain checkpoint
+
+    # the base folder the run was trained from changed (its tokenizer gained a token)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(base)
+    assert main(["export", str(run), "-o", str(tmp_path / "out2")]) == 2
+    from tokengraft.train.run import RunError
+
+    with pytest.raises(RunError, match="changed since training"):
+        export(run, tmp_path / "out2", **QUIET)
+    assert not (tmp_path / "out2").exists()

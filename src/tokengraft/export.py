@@ -13,6 +13,7 @@ model: logits on probe inputs, greedy generation, single-id new tokens, tied/unt
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -220,24 +221,40 @@ def finalize(model, tokenizer, processor, manifest: Manifest | None) -> Manifest
 # -- export -----------------------------------------------------------------------------------
 
 def export(source, out, *, adapter=None, dtype: str = "fp32", max_shard_size="5GB", overwrite: bool = False,
-           verify_output: bool = False, log=print, _loaded=None) -> ExportReport:
+           verify_output: bool = False, log=print) -> ExportReport:
     """Write ``source`` (run, checkpoint, or model folder [+ adapter]) to ``out`` as one full checkpoint.
 
     With ``verify_output`` the written folder is reloaded in a fresh process and compared with the
     merged model *before* it is renamed into place: a failed check leaves no ``out`` and raises."""
+    _check_args(source, out, dtype, overwrite)
+    model, tokenizer, processor, manifest, kind = load_source(source, adapter, log=log)
+    return export_model(model, tokenizer, processor, manifest, out, source=source, kind=kind, adapter=adapter,
+                        dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                        verify_output=verify_output, log=log)
+
+
+def _check_args(source, out, dtype, overwrite) -> None:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    src, out = Path(source), Path(out)
+    out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out}: already exists; choose another output folder or pass --overwrite")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise ExportError(f"{out}: is (inside) the source {src}; export into a separate folder")
-    if _loaded is None:
-        model, tokenizer, processor, manifest, kind = load_source(src, adapter, log=log)
-    else:  # (model, tokenizer, processor, manifest, kind) already in memory
-        model, tokenizer, processor, manifest, kind = _loaded
-    manifest = finalize(model, tokenizer, processor, manifest)
-    manifest.record("export", source=str(src), adapter=str(adapter) if adapter else None, dtype=dtype,
+    if source is not None:
+        src = Path(source).resolve()
+        if out.resolve() == src or src in out.resolve().parents:
+            raise ExportError(f"{out}: is (inside) the source {source}; export into a separate folder")
+
+
+def export_model(model, tokenizer, processor, manifest: Manifest | None, out, *, source=None, kind: str = "memory",
+                 adapter=None, dtype: str = "fp32", max_shard_size="5GB", overwrite: bool = False,
+                 verify_output: bool = False, log=print) -> ExportReport:
+    """Export an in-memory (already merged, fp32) model; ``export`` is this after loading a source.
+    The model's config and generation config are updated in place (they describe what is written)."""
+    _check_args(source, out, dtype, overwrite)
+    src, out = Path(source) if source is not None else None, Path(out)
+    model = model.eval()
+    manifest = finalize(model, tokenizer, processor, copy.deepcopy(manifest))  # the caller's stays as it was
+    manifest.record("export", source=str(src) if src else None, adapter=str(adapter) if adapter else None, dtype=dtype,
                     rows=manifest.rows, tied=manifest.tied)
     stop_ids = [t.id for t in manifest.tokens if t.stop]
     suppressed = len(model.generation_config.suppress_tokens or [])
@@ -263,9 +280,9 @@ def export(source, out, *, adapter=None, dtype: str = "fp32", max_shard_size="5G
             if not report_v.ok:
                 raise VerifyError(report_v)
         files = sorted(f.name for f in Path(tmp).iterdir())
-    log(f"exported {src} -> {out} ({dtype}, {manifest.rows} rows, {'tied' if manifest.tied else 'untied'}, "
+    log(f"exported {src or 'model'} -> {out} ({dtype}, {manifest.rows} rows, {'tied' if manifest.tied else 'untied'}, "
         f"{sum(f.endswith('.safetensors') for f in files)} safetensors file(s))")
-    return ExportReport(out=str(out), source=str(src), kind=kind, rows=manifest.rows,
+    return ExportReport(out=str(out), source=str(src) if src else "", kind=kind, rows=manifest.rows,
                         tokenizer_size=len(tokenizer), tied=manifest.tied, dtype=dtype, files=files,
                         new_tokens=len(manifest.tokens), stop_token_ids=stop_ids, suppressed_rows=suppressed,
                         rounding_drift=drift, verify=report_v)
