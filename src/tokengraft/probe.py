@@ -70,3 +70,17 @@ def kl_base_vs_grafted(hidden: torch.Tensor, base_weight: torch.Tensor, grafted_
         if lq.shape[1] > n:
             mass = max(mass, float(lq[:, n:].exp().sum(-1).max()))
     return float(torch.cat(kls).mean()), mass
+
+
+def heldout_text() -> list[str]:
+    """Prose disjoint from :func:`real_text` (which calibration sees): more standard-library
+    docstrings, for measuring invisibility on text the graft never looked at."""
+    import collections
+    import email
+    import pathlib
+    import subprocess
+    import unittest
+
+    docs = [inspect.getdoc(m) or "" for m in (collections, email, pathlib, subprocess, unittest)]
+    docs += [inspect.getdoc(f) or "" for f in (subprocess.run, pathlib.Path.glob, collections.Counter)]
+    return [p for d in docs for p in d.split("\n\n") if len(p.split()) >= 12]
