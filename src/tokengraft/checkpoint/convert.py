@@ -78,12 +78,26 @@ def _config_rows(config: dict | None) -> int | None:
     return text.get("vocab_size") or config.get("vocab_size")
 
 
-def _set_config_rows(config: dict, rows: int) -> dict:
+TOKEN_ID_KEYS = ("image_token_index", "image_token_id", "video_token_index", "video_token_id",
+                 "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _set_config_rows(config: dict, rows: int, target: dict | None = None) -> dict:
+    """Every vocab_size equals the rows; token ids (image token, pad/bos/eos) are the target's,
+    since they are ids in the target's vocabulary."""
     config = dict(config)
+    target = target or {}
     if "vocab_size" in config:
         config["vocab_size"] = rows
+    for k in TOKEN_ID_KEYS:
+        if k in target:
+            config[k] = target[k]
     if isinstance(config.get("text_config"), dict):
-        config["text_config"] = {**config["text_config"], "vocab_size": rows}
+        text = {**config["text_config"], "vocab_size": rows}
+        for k in TOKEN_ID_KEYS:
+            if k in (target.get("text_config") or {}):
+                text[k] = target["text_config"][k]
+        config["text_config"] = text
     return config
 
 
@@ -297,8 +311,10 @@ def _write_metadata(info, tgt: Target, tmp: Path, rows: int, report: RemapReport
                 shutil.copy2(p, tmp / p.name)
     if (tmp / "config.json").is_file():
         cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-        (tmp / "config.json").write_text(json.dumps(_set_config_rows(cfg, rows), indent=2) + "\n", encoding="utf-8")
-    for name in TOKENIZER_OUT:
+        (tmp / "config.json").write_text(json.dumps(_set_config_rows(cfg, rows, tgt.config), indent=2) + "\n",
+                                         encoding="utf-8")
+    # the target's tokenizer files, and its generation config (its token ids are the target's)
+    for name in TOKENIZER_OUT + ("generation_config.json",):
         if tgt.folder is not None and (tgt.folder / name).is_file():
             shutil.copy2(tgt.folder / name, tmp / name)
     m = tgt.manifest

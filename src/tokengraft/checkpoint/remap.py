@@ -180,7 +180,7 @@ def chunked_stats(read, take, rows: int, base_rows: int) -> tuple[torch.Tensor, 
     n = min(base_rows, rows)
     norms, total = [], None
     for a in range(0, n, CHUNK_ROWS):
-        chunk = read(a, min(a + CHUNK_ROWS, n)).float()
+        chunk = read(a, min(a + CHUNK_ROWS, n)).float()  # a chunk at a time: never the whole matrix in float32
         norms.append(chunk.norm(dim=1))
         part = chunk.sum(0).double()
         total = part if total is None else total + part

@@ -8,6 +8,7 @@ file, in chunks, without being decoded. The output is a standard safetensors fil
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,15 +49,33 @@ def copy_entry(key: str, src: Path, header: dict, data_start: int) -> Entry:
 
     def write(fh):
         with open(src, "rb") as s:
-            s.seek(data_start + begin)
-            left = end - begin
-            while left:
-                buf = s.read(min(CHUNK, left))
-                if not buf:
-                    raise ValueError(f"{src}: ended early while copying {key!r}; the file is truncated")
-                fh.write(buf)
-                left -= len(buf)
+            copy_range(s, fh, data_start + begin, end - begin, what=f"{src} ({key!r})")
     return Entry(key, h["dtype"], tuple(h["shape"]), end - begin, write)
+
+
+def copy_range(src, dst, offset: int, count: int, what: str) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src`` to the current position of ``dst``: in the
+    kernel (``copy_file_range``) where possible, else through a user-space buffer."""
+    dst.flush()
+    left = count
+    if hasattr(os, "copy_file_range"):
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), offset + count - left)
+                if n == 0:
+                    raise ValueError(f"{what}: ended early; the file is truncated")
+                left -= n
+            dst.seek(0, os.SEEK_END)  # keep the buffered writer's idea of the position right
+            return
+        except OSError:  # another filesystem type, an old kernel: fall back to plain copies
+            dst.seek(0, os.SEEK_END)
+    src.seek(offset + count - left)
+    while left:
+        buf = src.read(min(CHUNK, left))
+        if not buf:
+            raise ValueError(f"{what}: ended early; the file is truncated")
+        dst.write(buf)
+        left -= len(buf)
 
 
 def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = None) -> int:

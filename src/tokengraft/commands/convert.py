@@ -61,8 +61,22 @@ def register(subparsers, name):
     return p
 
 
+def _return_freed_memory() -> None:
+    """Have glibc serve large buffers (the row chunks) with mmap, so freeing one returns it to the
+    OS. Its default adaptive threshold keeps them in a fragmented heap instead: measured on the
+    1.7B benchmark, peak RSS 0.67 GB -> 0.36 GB. A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
+
+
 def run(args) -> int:
     from ..checkpoint.convert import convert
+
+    _return_freed_memory()
 
     convert(args.checkpoint, args.target, args.output, source_tokenizer=args.source_tokenizer,
             source_tokens=args.source_tokens, init=args.init, overwrite=args.overwrite)
