@@ -205,7 +205,8 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
     gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     pad_rows = list(range(needed, rows))
     if gen is not None:
-        keep = [t for t in (getattr(gen, "suppress_tokens", None) or []) if t < needed]
+        # keep deliberate suppressions of base tokens; padding rows a new token now uses are freed
+        keep = [t for t in (getattr(gen, "suppress_tokens", None) or []) if t < len(vocab_before)]
         gen.suppress_tokens = sorted(set(keep) | set(pad_rows)) or None
 
     for s in todo:
