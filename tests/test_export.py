@@ -110,6 +110,10 @@ def test_export_llava_with_new_tokens(llava_dir, tmp_path):
     assert cfg.get("image_token_id", cfg.get("image_token_index")) == img
     assert cfg["text_config"]["vocab_size"] == rep.rows
     assert (tmp_path / "out" / "processor_config.json").is_file() or (tmp_path / "out" / "preprocessor_config.json").is_file()
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    new_ids = {t.id for t in man.tokens if t.role == "generate"}
+    assert new_ids and not new_ids & set(gen["suppress_tokens"])  # they took padding rows: now generable
+    assert set(range(len(tok), rep.rows)) == set(gen["suppress_tokens"])
 
 
 # -- tiny untied --------------------------------------------------------------------------------
@@ -163,6 +167,22 @@ def test_adapter_merged(tiny_dir, tmp_path):
     assert float(d) <= 1e-5
     hist = json.loads((tmp_path / "out" / "tokengraft.json").read_text())["history"][-1]
     assert hist["op"] == "export" and hist["adapter"] == str(tmp_path / "adapter")
+
+
+def test_finalize_frees_new_tokens_and_suppresses_padding(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokengraft.export import finalize
+    from tokengraft.manifest import Manifest
+
+    model, tok, man = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir), \
+        Manifest.load(tiny_dir)
+    box = man.token("<box>").id
+    model.generation_config.suppress_tokens = [5, box]  # a deliberate one, and a stale one on a new token
+    model.config.tie_word_embeddings = True  # a lying flag: the weights are untied
+    finalize(model, tok, None, man)
+    assert model.config.tie_word_embeddings is False
+    assert set(model.generation_config.suppress_tokens) == {5} | set(range(len(tok), 49216))
 
 
 def test_verify_catches_differences(tiny_dir, tmp_path):

@@ -210,7 +210,10 @@ def finalize(model, tokenizer, processor, manifest: Manifest | None) -> Manifest
             eos.append(t.id)
     gen.eos_token_id = eos[0] if len(eos) == 1 else (eos or None)
     pad = padding_rows(tokenizer, rows)
-    keep = [t for t in (gen.suppress_tokens or []) if t < len(vocab) and vocab[t] is not None]
+    # a token the manifest added to be generated must never be suppressed (older `add` outputs
+    # kept the suppression of the padding row the token took over)
+    generated = {t.id for t in manifest.tokens if t.role == "generate"}
+    keep = [t for t in (gen.suppress_tokens or []) if t < len(vocab) and vocab[t] is not None and t not in generated]
     gen.suppress_tokens = sorted(set(keep) | set(pad)) or None
     if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
