@@ -139,3 +139,26 @@ def test_streamed_convert_equals_in_memory_remap(sharded, tmp_path, monkeypatch)
     assert set(got) == set(ref)
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
+
+
+def test_checkpoint_keys_match_in_memory_names():
+    """load_checkpoint maps on-disk layouts (LLaVA classic, XTuner `llm.`) to a model's own names."""
+    from tokengraft.checkpoint.remap import match_keys
+
+    disk = ["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+            "vision_tower.vision_model.post_layernorm.weight", "multi_modal_projector.linear_1.weight"]
+    mem = ["model.language_model.embed_tokens.weight", "lm_head.weight",
+           "model.vision_tower.vision_model.post_layernorm.weight", "model.multi_modal_projector.linear_1.weight"]
+    assert match_keys(disk, mem) == dict(zip(disk, mem))
+    assert match_keys(["llm.output.weight"], ["output.weight"]) == {"llm.output.weight": "output.weight"}
+    # ambiguous after stripping prefixes: left unmatched rather than guessed
+    assert match_keys(["x.weight"], ["model.x.weight", "llm.x.weight"]) == {}
+
+
+def test_package_exposes_functions():
+    import tokengraft
+    from tokengraft import checkpoint
+
+    assert callable(checkpoint.convert) and callable(checkpoint.read_state_dict) and callable(checkpoint.safe_load)
+    assert tokengraft.load_checkpoint is checkpoint.load_checkpoint
+    assert tokengraft.remap_state_dict is checkpoint.remap_state_dict
