@@ -162,3 +162,38 @@ def test_package_exposes_functions():
     assert callable(checkpoint.convert) and callable(checkpoint.read_state_dict) and callable(checkpoint.safe_load)
     assert tokengraft.load_checkpoint is checkpoint.load_checkpoint
     assert tokengraft.remap_state_dict is checkpoint.remap_state_dict
+
+
+def test_target_given_as_a_manifest(tmp_path):
+    """TARGET may be a tokengraft.json alone: the target tokenizer is the checkpoint's base plus the
+    manifest's tokens at their ids, and the rows are the manifest's."""
+    from transformers import AutoTokenizer
+
+    from tokengraft.manifest import AddedToken, Manifest
+    from tokengraft.vocab import fingerprint
+
+    base = words(96)
+    model = tiny_llama(96)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    word_tokenizer(base).save_pretrained(src)
+    m = Manifest(base_fingerprint=fingerprint(base), base_size=96, rows=128, tied=False,
+                 tokens=[AddedToken("<x>", 96), AddedToken("<y>", 97, role="input")])
+    m.save(tmp_path)
+    out = tmp_path / "out"
+    convert(src, tmp_path / "tokengraft.json", out, log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 98 and tok.convert_tokens_to_ids("<x>") == 96 and tok.convert_tokens_to_ids("<y>") == 97
+    sd, _ = read_state_dict(out)
+    assert sd["lm_head.weight"].shape == (128, 32)
+    assert torch.equal(sd["lm_head.weight"][:96], model.lm_head.weight[:96])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 128
+    assert [t["content"] for t in json.loads((out / "tokengraft.json").read_text())["tokens"]] == ["<x>", "<y>"]
+    # without a tokenizer for the checkpoint, the manifest alone cannot name the rows
+    (tmp_path / "bare").mkdir()
+    for f in src.iterdir():
+        if f.name.startswith(("model", "config")):
+            (tmp_path / "bare" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="--source-tokenizer"):
+        convert(tmp_path / "bare", tmp_path / "tokengraft.json", tmp_path / "out2", log=lambda *a: None)
+    assert not (tmp_path / "out2").exists()

@@ -46,6 +46,7 @@ class Target:
     tokenizer: object | None
     manifest: Manifest | None
     config: dict | None
+    built: bool = False  # the tokenizer was built here (base + manifest tokens) and must be saved
 
 
 def load_target(target, source_vocab_hint=None) -> Target:
@@ -54,9 +55,10 @@ def load_target(target, source_vocab_hint=None) -> Target:
     from .sources import load_tokenizer
 
     p = Path(target)
-    if p.is_file() and p.name == MANIFEST_FILE:
-        raise CheckpointError(f"{p}: a manifest alone is not enough as a target here; pass the folder that holds "
-                              f"it together with its tokenizer (tokengraft add writes both)")
+    if p.is_file() and p.suffix == ".json":
+        return Target(None, None, None, None, Manifest.load(p), None)
+    if p.is_dir() and (p / MANIFEST_FILE).is_file() and not any((p / f).is_file() for f in TOKENIZER_OUT[:5]):
+        return Target(None, None, None, None, Manifest.load(p), None)
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: target folder not found (expected a folder with a tokenizer)")
     try:
@@ -120,6 +122,8 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
     ck = open_checkpoint(src)
     info = ck.info
     tgt = load_target(target)
+    if tgt.vocab is None:
+        _target_from_manifest(tgt, info, source_tokenizer)
     source_vocab, how = resolve_source_vocab(info, tgt.vocab, target_manifest=tgt.manifest,
                                              source_tokenizer=source_tokenizer, source_tokens=source_tokens)
     shapes = {k: ck.shape(k) for k in ck.keys()}
@@ -177,6 +181,31 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
         log(line)
     log(f"wrote {out}")
     return report
+
+
+def _target_from_manifest(tgt: Target, info, source_tokenizer) -> None:
+    """TARGET is a manifest alone: the target tokenizer is the checkpoint's (which must be the
+    manifest's base vocabulary) plus the manifest's tokens at their ids."""
+    from transformers import AddedToken, AutoTokenizer
+
+    from ..vocab import vocab_of
+
+    m = tgt.manifest
+    tokdir = info.tokenizer_dir or (Path(source_tokenizer) if source_tokenizer else None)
+    if tokdir is None:
+        raise CheckpointError("a manifest as TARGET needs the checkpoint's tokenizer to build the target's: "
+                              "pass --source-tokenizer DIR (or use a target folder with a tokenizer)")
+    tok = AutoTokenizer.from_pretrained(tokdir)
+    base = vocab_of(tok)
+    if len(base) != m.base_size or fingerprint(base) != m.base_fingerprint:
+        raise CheckpointError(f"{tokdir}: its vocabulary ({len(base)} tokens) is not the base the manifest was made "
+                              f"on ({m.base_size} tokens, {m.base_fingerprint}); pass the target folder instead")
+    for t in sorted(m.tokens, key=lambda t: t.id):
+        tok.add_tokens([AddedToken(t.content, special=t.special, normalized=False)], special_tokens=t.special)
+        if tok.convert_tokens_to_ids(t.content) != t.id:
+            raise CheckpointError(f"manifest token {t.content!r} should have id {t.id} but lands at "
+                                  f"{tok.convert_tokens_to_ids(t.content)}; the manifest has gaps tokengraft cannot rebuild")
+    tgt.vocab, tgt.tokenizer, tgt.rows, tgt.built = vocab_of(tok), tok, m.rows, True
 
 
 class _LazyRemap:
@@ -314,6 +343,8 @@ def _write_metadata(info, tgt: Target, tmp: Path, rows: int, report: RemapReport
         (tmp / "config.json").write_text(json.dumps(_set_config_rows(cfg, rows, tgt.config), indent=2) + "\n",
                                          encoding="utf-8")
     # the target's tokenizer files, and its generation config (its token ids are the target's)
+    if tgt.built:
+        tgt.tokenizer.save_pretrained(tmp)
     for name in TOKENIZER_OUT + ("generation_config.json",):
         if tgt.folder is not None and (tgt.folder / name).is_file():
             shutil.copy2(tgt.folder / name, tmp / name)

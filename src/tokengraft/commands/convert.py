@@ -49,7 +49,8 @@ def register(subparsers, name):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or folder to convert (read only)")
     p.add_argument("--to", dest="target", metavar="TARGET", required=True,
-                   help="folder with the target tokenizer (and usually config.json and tokengraft.json)")
+                   help="folder with the target tokenizer (and usually config.json and tokengraft.json), or a "
+                        "tokengraft.json alone when CHECKPOINT's tokenizer is the manifest's base vocabulary")
     p.add_argument("-o", "--output", dest="output", metavar="OUT", required=True, help="output folder")
     p.add_argument("--source-tokenizer", metavar="DIR", help="folder with the tokenizer CHECKPOINT was trained with")
     p.add_argument("--source-tokens", metavar="'<a>,<b>'",
