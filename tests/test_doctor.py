@@ -24,8 +24,10 @@ GRAFT_TOKENS = [{"content": "<box>", "init": "subword"}, {"content": "</box>", "
                 {"content": "<loc_1>", "init": "mean"}, {"content": "<loc_2>", "init": "mean"}]
 
 
-# measured here: 4 tied rows (2 subword, 2 mean) cost about 1e-5 nats/token on real prose; the
-# issue's figure for 8 subword rows is 1.7e-5. Ten times that is still invisible (doctor warns at 1e-3).
+# measured here (254 positions of the Zen of Python and argparse's docstring): 4 tied rows, two of
+# them subword copies of the real token "box" (which therefore take as much mass as "box" does) and
+# two mean rows, cost 4.2e-5 nats/token. The bound leaves 2.4x room on this deterministic figure and
+# stays 10x under doctor's own warning level (KL_WARN, 1e-3).
 KL_SUBWORD_BOUND = 1e-4
 
 
@@ -190,6 +192,31 @@ def test_head_rows_mismatch(smollm2_dir, tmp_path):
     assert "lm_head.weight has 49000 rows" in f.message and "49152" in f.message
 
 
+def test_untied_head_rows_checked_on_the_output_side(smollm2_dir, tmp_path):
+    d = variant(smollm2_dir, tmp_path / "m")
+    head = tensor(smollm2_dir, "model.embed_tokens.weight").clone()
+    head[[100, 101]] = 0
+    head[[300, 301, 302]] = head[299].clone()
+    with_tensors(d, {"lm_head.weight": head})
+    edit_json(d / "config.json", lambda c: c.update(tie_word_embeddings=False))
+    f = check_folder(d)
+    assert "untied head" in only(f, "summary").message and "tie-flag-mismatch" not in codes(f)
+    assert "2 token(s) have all-zero output rows in lm_head.weight" in only(f, "untrained-rows").message
+    assert "[299 " in only(f, "identical-output-rows").message
+
+
+@pytest.mark.parametrize("remove,code", [
+    (["config.json"], "config-missing"),
+    (["tokenizer.json", "tokenizer_config.json"], "tokenizer-unloadable"),
+])
+def test_missing_files(smollm2_dir, tmp_path, remove, code):
+    d = variant(smollm2_dir, tmp_path / "m")
+    for name in remove:
+        (d / name).unlink()
+    f = check_folder(d)
+    assert only(f, code).severity == "error" and doctor.has_errors(f)
+
+
 # -- tie --------------------------------------------------------------------------------------
 
 def test_tie_flag_false_without_head(smollm2_dir, tmp_path):
@@ -252,6 +279,13 @@ def test_image_token_unknown_to_tokenizer(llava_dir, tmp_path):
     edit_json(d / "processor_config.json", lambda c: c.update(image_token="<img>"))
     f = only(check_folder(d), "image-token-unknown")
     assert "'<img>' is not in the tokenizer" in f.message and "tokengraft add" in f.message
+
+
+def test_processor_missing(llava_dir, tmp_path):
+    d = variant(llava_dir, tmp_path / "l")
+    (d / "processor_config.json").unlink()
+    f = only(check_folder(d), "processor-missing")
+    assert f.severity == "warning" and "image_token_index 49152" in f.message
 
 
 # -- special ids ------------------------------------------------------------------------------
@@ -321,8 +355,10 @@ def test_manifest_fingerprint_mismatch(grafted, tmp_path):
     _add_tokenizer_token(d, "<hand_edit>", 49156)  # a token added by hand after grafting
     f = check_folder(d)
     m = only(f, "manifest-fingerprint-mismatch").message
-    assert "49157 tokens" in m and "edited outside tokengraft" in m
+    assert "49157 tokens" in m and "not in the manifest: 49156 '<hand_edit>'" in m
     assert not [x for x in f if x.code == "manifest-token-mismatch"]  # the recorded tokens are intact
+    # its row is a padding row that generation_config still suppresses: it can never be generated
+    assert "(49156 '<hand_edit>')" in only(f, "token-suppressed").message
 
 
 def test_manifest_token_id_mismatch(grafted, tmp_path):
@@ -356,7 +392,7 @@ def test_special_token_split(grafted, tmp_path):
         next(a for a in t["added_tokens"] if a["content"] == "<box>")["single_word"] = True
     edit_json(d / "tokenizer.json", single_word)
     m = only(check_folder(d), "special-token-split").message
-    assert "grafted token '<box>' (id 49152) encodes to pieces" in m
+    assert "grafted token '<box>' (id 49152) is split into pieces: inside running text" in m
 
 
 # -- KL ---------------------------------------------------------------------------------------
@@ -369,7 +405,7 @@ def test_kl_of_grafted_rows(grafted):
     f = doctor.kl_findings(model, tok, manifest, hidden=hidden)
     k = only(f, "kl-invisibility")
     assert "kl-visible" not in codes(f) and f"{k.data['kl_mean']:.2e} nats/token" in k.message
-    assert 0 < k.data["kl_mean"] < KL_SUBWORD_BOUND and k.data["positions"] == len(hidden) >= 256
+    assert 0 < k.data["kl_mean"] < KL_SUBWORD_BOUND and k.data["positions"] == len(hidden) >= 200
     # cross-check with the direct softmax comparison: base = every row but the grafted ones
     w = model.get_output_embeddings().weight.detach()
     new = [t.id for t in manifest.tokens]

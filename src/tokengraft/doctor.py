@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -510,12 +511,12 @@ def _by_design(group: list[int], added: dict[int, Any], side: str) -> str | None
 
 
 def _side_init(init: str, side: str) -> str:
-    if init.startswith("copy:"):
-        return "copy"
+    """The method name on one side of a recorded init: "subword/mean" (input/output),
+    "subword*0.39+mean" (tied blend), "copy:<x>", "mean"."""
     parts = init.split("/")
-    if side == "output" and len(parts) == 2:
-        return parts[1]
-    return parts[0].split("x")[0] if "(tied)" in init else parts[0]
+    part = parts[1] if side == "output" and len(parts) == 2 else parts[0]
+    m = re.match(r"[a-z]+", part)
+    return m.group(0) if m else part
 
 
 def check_rows(s: Subject) -> list[Finding]:
@@ -575,20 +576,32 @@ def check_rows(s: Subject) -> list[Finding]:
     return out
 
 
-def check_padding_suppressed(s: Subject) -> list[Finding]:
-    """Padding rows (ids >= len(tokenizer)) must never be generated: listed in suppress_tokens."""
-    if s.rows is None or s.ntok is None or s.rows <= s.ntok:
+def check_suppressed(s: Subject) -> list[Finding]:
+    """Padding rows (ids >= len(tokenizer)) must never be generated: listed in suppress_tokens.
+    And the reverse: a token added on a padding row must not stay suppressed."""
+    if s.rows is None or s.ntok is None:
         return []
-    pad = set(range(s.ntok, s.rows))
+    out = []
     sup = set((s.gen or {}).get("suppress_tokens") or [])
-    missing = sorted(pad - sup)
-    if not missing:
-        return []
+    missing = sorted(set(range(s.ntok, s.rows)) - sup)
     where = s.gen_name if s.gen is not None else f"{s.where} (no generation_config.json)"
-    return [Finding("warning", "padding-not-suppressed",
-                    f"{where}: {len(missing)} padding row(s) with no token (ids {_span(missing)}) are not in "
-                    f"suppress_tokens, so generation can emit ids the tokenizer cannot decode; add them to "
-                    f"suppress_tokens (`tokengraft add` does this)")]
+    if missing:
+        out.append(Finding("warning", "padding-not-suppressed",
+                           f"{where}: {len(missing)} padding row(s) with no token (ids {_span(missing)}) are not in "
+                           f"suppress_tokens, so generation can emit ids the tokenizer cannot decode; add them to "
+                           f"suppress_tokens (`tokengraft add` does this)"))
+    # tokens beyond the base vocabulary (grafted, or added by hand on a padding row) that generation
+    # can never emit; suppressing real base tokens (as Whisper does) is left alone
+    added = _manifest_roles(s)
+    base = s.manifest.base_size if s.manifest is not None else s.ntok
+    stuck = sorted(i for i in sup if (base <= i < s.ntok and (i not in added or added[i].role == "generate")))
+    if stuck:
+        tok = s.tokenizer
+        shown = ", ".join(f"{i} {tok.convert_ids_to_tokens(i)!r}" for i in stuck[:5]) + (", ..." if len(stuck) > 5 else "")
+        out.append(Finding("warning", "token-suppressed",
+                           f"{where}: suppress_tokens lists {len(stuck)} added token(s) ({shown}), so generation "
+                           f"can never emit them; remove them from suppress_tokens"))
+    return out
 
 
 def _span(ids: list[int]) -> str:
@@ -612,12 +625,18 @@ def check_manifest(s: Subject) -> list[Finding]:
     if tok is not None:
         from .vocab import fingerprint, vocab_of
 
-        fp = fingerprint(vocab_of(tok))
+        vocab_list = vocab_of(tok)
+        fp = fingerprint(vocab_list)
         if m.vocab_fingerprint is not None and fp != m.vocab_fingerprint:
+            recorded = {t.id for t in m.tokens}
+            extra = [(i, t) for i, t in enumerate(vocab_list) if i >= m.base_size and i not in recorded]
+            names = (f"; not in the manifest: {', '.join(f'{i} {t!r}' for i, t in extra[:5])}"
+                     + (", ..." if len(extra) > 5 else "")) if extra else ""
             out.append(Finding("error", "manifest-fingerprint-mismatch",
                                f"{mname}: the tokenizer's vocabulary ({len(tok)} tokens, {fp}) is not the one "
-                               f"recorded ({m.vocab_fingerprint}); it was edited outside tokengraft: restore the "
-                               f"saved tokenizer, or re-add the tokens with `tokengraft add`"))
+                               f"recorded ({m.vocab_fingerprint}){names}; it was edited outside tokengraft: restore "
+                               f"the saved tokenizer, or add tokens with `tokengraft add` so their rows are "
+                               f"initialized and recorded"))
         vocab = s.vocab
         for t in m.tokens:
             got = vocab.get(t.content)
@@ -676,16 +695,17 @@ def check_split_tokens(s: Subject) -> list[Finding]:
         alone = tok(content, add_special_tokens=False)["input_ids"]
         inside = tok(f"a{content}b {content}.", add_special_tokens=False)["input_ids"]
         if alone != [tid] or inside.count(tid) != 2:
-            got = alone if alone != [tid] else inside
+            how = (f"alone encodes to {alone}" if alone != [tid]
+                   else f"inside running text ({f'a{content}b {content}.'!r}) encodes to {inside}")
             out.append(Finding("error", "special-token-split",
-                               f"{s.where}: {kind} token {content!r} (id {tid}) encodes to pieces {got} instead of "
-                               f"[{tid}]; text containing it will never produce it: re-add it as an added token "
-                               f"(normalized=False, single_word=False) with `tokengraft add`"))
+                               f"{s.where}: {kind} token {content!r} (id {tid}) is split into pieces: {how}, not "
+                               f"[{tid}]; fix its entry in tokenizer.json (normalized, single_word, lstrip/rstrip "
+                               f"false) or restore the tokenizer `tokengraft add` saved"))
     return out
 
 
 CHECKS = (check_sizes, check_tie, check_image_token, check_special_ids, check_rows,
-          check_padding_suppressed, check_manifest, check_split_tokens)
+          check_suppressed, check_manifest, check_split_tokens)
 
 
 def summary(s: Subject) -> Finding:
@@ -757,7 +777,7 @@ def kl_findings(model, tokenizer, manifest: Manifest | None, where: str = "model
         out.append(Finding("warning", "kl-visible",
                            f"{where}: grafted rows take {mean:.2e} nats/token (> {KL_WARN:g}) on text without "
                            f"them; the model predicts them where they do not belong: re-initialize their output "
-                           f"rows (`tokengraft add --init mean`) or train with text that uses them", data))
+                           f"rows (graft again from the base with `tokengraft add --init auto`) or train on text that uses them", data))
     return out
 
 
