@@ -313,12 +313,17 @@ def _new_entry(k: str, new, ck: Checkpoint) -> Entry:
 
 def _write_safetensors_folder(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport) -> None:
     """Any other source: one HF safetensors file, written one tensor at a time."""
-    seen: dict = {}
     entries = []
     for k in ck.keys():
-        t = new[k] if k in new else ck.get(k)
-        entries.append(tensor_entry(k, t))
-        seen[k] = True
+        if k in new:
+            entries.append(_new_entry(k, new, ck))
+            continue
+        if ck.dtype(k) not in DTYPE_NAMES:
+            raise CheckpointError(f"{ck.info.path}: tensor {k!r} has dtype {ck.dtype(k)}, which safetensors cannot store")
+
+        def write(fh, k=k):  # read when the writer reaches it: one tensor in memory at a time
+            tensor_entry(k, ck.get(k)).write(fh)
+        entries.append(Entry(k, DTYPE_NAMES[ck.dtype(k)], ck.shape(k), _nbytes(ck, k, {}), write))
     write_safetensors(tmp / "model.safetensors", entries, {"format": "pt"})
     report.notes.append(f"{ck.info.format} source written as model.safetensors ({len(entries)} tensors)")
     if report.optimizer is not None:
