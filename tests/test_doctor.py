@@ -208,13 +208,17 @@ def test_untied_head_rows_checked_on_the_output_side(smollm2_dir, tmp_path):
 @pytest.mark.parametrize("remove,code", [
     (["config.json"], "config-missing"),
     (["tokenizer.json", "tokenizer_config.json"], "tokenizer-unloadable"),
+    (["model.safetensors"], "weights-unreadable"),  # replaced by a truncated file below
 ])
 def test_missing_files(smollm2_dir, tmp_path, remove, code):
     d = variant(smollm2_dir, tmp_path / "m")
     for name in remove:
         (d / name).unlink()
+        if name.endswith(".safetensors"):  # the first kilobytes of the real file: a cut-short copy
+            (d / name).write_bytes((Path(smollm2_dir) / name).open("rb").read(4096))
     f = check_folder(d)
     assert only(f, code).severity == "error" and doctor.has_errors(f)
+    assert "summary" in codes(f)  # the other checks still ran
 
 
 # -- tie --------------------------------------------------------------------------------------

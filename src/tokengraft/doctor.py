@@ -265,6 +265,11 @@ def gather_folder(path, stack) -> Subject:
     except FileNotFoundError as e:
         sub.findings.append(Finding("error", "weights-missing", str(e)))
         get, wname = {}, None
+    except Exception as e:  # a truncated or corrupt safetensors file / index
+        sub.findings.append(Finding("error", "weights-unreadable",
+                                    f"{folder}: the safetensors weights cannot be read ({_first_line(e)}); "
+                                    f"copy the checkpoint again (a download or copy was probably cut short)"))
+        get, wname = {}, None
     if not get:
         if wname is None and not sub.findings:
             sub.findings.append(Finding("warning", "weights-missing",
