@@ -156,3 +156,15 @@ def test_zero3_without_deepspeed_names_what_to_install(work, tmp_path):
         pass
     with pytest.raises(CheckpointError, match="pip install deepspeed"):
         read_state_dict(ds)
+
+
+def test_cli_by_index_warns_on_stderr(work, tmp_path):
+    d, state, _, _, target = work
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tokengraft", "convert", str(d / "iter_500.pth"), "--to", str(target),
+                        "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "BY INDEX" in r.stderr and "rows 1000 -> 1003" in r.stderr
+    sd, _ = read_state_dict(out)
+    assert torch.equal(sd["llm.output.weight"][:V], state["llm.output.weight"])
+    assert (out / "optimizer.pt").is_file() and not (out / "iter_500.pth").exists()

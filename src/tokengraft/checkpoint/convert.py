@@ -132,9 +132,7 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
         rows = len(source_vocab)  # an adapter with trainable tokens only: no vocabulary-shaped tensor
     if rows is None:
         raise CheckpointError(f"{src}: no embedding or output head found under a known name; nothing to convert")
-    row_map = build_row_map(source_vocab, tgt.vocab, rows, tgt.rows)
-    if row_map.assumed:
-        log(f"WARNING: {row_map.assumed}")
+    row_map = build_row_map(source_vocab, tgt.vocab, rows, tgt.rows)  # an assumption leads the report
     found = {k: classify(k, s, rows) for k, s in shapes.items()}
     if not row_map.is_identity():
         for k, s in shapes.items():
@@ -337,7 +335,7 @@ def _write_safetensors_folder(ck: Checkpoint, tmp: Path, new: dict, report: Rema
 def _write_metadata(info, tgt: Target, tmp: Path, rows: int, report: RemapReport, src: Path) -> None:
     # the source's other files (config, generation config, README...) come along; weights and
     # tokenizer files do not (the target's tokenizer replaces the source's)
-    if info.path.is_dir():
+    if info.format in ("hf-folder", "peft"):
         for p in sorted(info.path.iterdir()):
             if (p.is_file() and p.name not in TOKENIZER_OUT and p.name != MANIFEST_FILE
                     and not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in INDEX_FILES

@@ -18,8 +18,9 @@ CHECKPOINT may be a Hugging Face folder (single or sharded safetensors, .bin), a
 (mp_rank_00_model_states.pt; ZeRO-3 needs `pip install deepspeed`) or a PEFT adapter folder.
 No code from a checkpoint ever runs (safetensors, or a restricted unpickler).
 
-The conversion streams: only vocabulary-shaped tensors are loaded; shards without them are
-hard-linked (or copied). OUT is written to a temporary sibling and renamed into place; CHECKPOINT
+The conversion streams: vocabulary-shaped tensors are read and written in row chunks, the other
+tensors of their shards are copied byte for byte, and shards without any are hard-linked (or
+copied); peak memory stays far below the model's size. OUT is written to a temporary sibling and renamed into place; CHECKPOINT
 is never modified. HF and PEFT folders keep their layout; other sources become model.safetensors
 (plus optimizer.pt with remapped moments when the source had an optimizer state). OUT also gets
 TARGET's tokenizer and a tokengraft.json recording the conversion.
@@ -62,6 +63,15 @@ def register(subparsers, name):
     return p
 
 
+def _log(line: str) -> None:
+    """The report on stdout; an assumption (rows mapped by index) on stderr as well, where it is seen."""
+    import sys
+
+    if line.startswith("WARNING"):
+        print(f"tokengraft convert: {line}", file=sys.stderr)
+    print(line)
+
+
 def _return_freed_memory() -> None:
     """Have glibc serve large buffers (the row chunks) with mmap, so freeing one returns it to the
     OS. Its default adaptive threshold keeps them in a fragmented heap instead: measured on the
@@ -80,5 +90,5 @@ def run(args) -> int:
     _return_freed_memory()
 
     convert(args.checkpoint, args.target, args.output, source_tokenizer=args.source_tokenizer,
-            source_tokens=args.source_tokens, init=args.init, overwrite=args.overwrite)
+            source_tokens=args.source_tokens, init=args.init, overwrite=args.overwrite, log=_log)
     return 0
