@@ -197,3 +197,37 @@ def test_target_given_as_a_manifest(tmp_path):
     with pytest.raises(ValueError, match="--source-tokenizer"):
         convert(tmp_path / "bare", tmp_path / "tokengraft.json", tmp_path / "out2", log=lambda *a: None)
     assert not (tmp_path / "out2").exists()
+
+
+def test_trainer_checkpoint_folder_resumes_with_remapped_moments(sharded, tmp_path):
+    """A transformers Trainer checkpoint-N folder: optimizer.pt is remapped with the weights, the
+    other resume files travel unchanged."""
+    _, src_tok, target, _ = sharded
+    model = tiny_llama(100, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([[94, 95, 96, 5, 6]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    ck = tmp_path / "checkpoint-10"
+    model.save_pretrained(ck)
+    word_tokenizer([t for t in SRC if t]).save_pretrained(ck)
+    torch.save(opt.state_dict(), ck / "optimizer.pt")
+    (ck / "trainer_state.json").write_text('{"global_step": 10}')
+    torch.save({"last_epoch": 10}, ck / "scheduler.pt")
+    out = tmp_path / "out"
+    convert(ck, target, out, log=lambda *a: None)
+    assert (out / "trainer_state.json").read_text() == '{"global_step": 10}'
+    assert (out / "scheduler.pt").read_bytes() == (ck / "scheduler.pt").read_bytes()
+    from transformers import AutoModelForCausalLM
+
+    new_model = AutoModelForCausalLM.from_pretrained(out)
+    opt2 = torch.optim.AdamW(new_model.parameters(), lr=1e-2)
+    opt2.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True))
+    names = [n for n, _ in model.named_parameters()]
+    i = names.index("lm_head.weight")
+    old_m, new_m = opt.state_dict()["state"][i]["exp_avg"], opt2.state_dict()["state"][i]["exp_avg"]
+    for tok in ("<a>", "<c>", "w5"):
+        assert torch.equal(new_m[TGT.index(tok)], old_m[SRC.index(tok)])
+    assert torch.count_nonzero(new_m[TGT.index("<d>")]) == 0
+    new_model(input_ids=ids, labels=ids).loss.backward()
+    opt2.step()  # resumes

@@ -157,8 +157,9 @@ def test_cli_preflight_only_fails_on_unknown_tags_with_one_line(tmp_path, llava_
     cfg.write_text(f"model: {llava_dir}\ndata: {data}\noutput_dir: {tmp_path / 'run'}\ntokens: '<ref>,</ref>'\n"
                    f"init: mean\ntemplate: chatml\n")
     assert main(["train", str(cfg), "--preflight-only"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "<box>" in err[0] and "--tokens" in err[0]
+    err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert len(err) == 1 and err[0].startswith("tokengraft train: error: pre-flight")
+    assert "<box>" in err[0] and "--tokens" in err[0]
     assert not (tmp_path / "run").exists()
     assert main(["train", str(cfg), "--preflight-only", "--tokens", "from-data </?(ref|box)>"]) == 0
 

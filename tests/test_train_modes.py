@@ -51,12 +51,20 @@ def falls(run):
     assert last < 0.7 * first, [r["new_token_loss"] for r in m]
 
 
-def test_rows_mode_learns_and_touches_nothing_else(llava_dir, grounding, tmp_path):
-    from tokengraft.train.run import RunInfo, load_run, rebuild_base
+@pytest.fixture(scope="module")
+def whole(llava_dir, grounding, tmp_path_factory):
+    """One uninterrupted `rows` run of 4 steps (checkpoint at 2) that several tests compare against."""
     from tokengraft.train.trainer import train
 
-    cfg = config(llava_dir, grounding, tmp_path / "rows", eval_data=str(grounding["eval"]), eval_max_new_tokens=12)
-    run = train(cfg)
+    out = tmp_path_factory.mktemp("whole") / "run"
+    return train(config(llava_dir, grounding, out, save_steps=2, eval_data=str(grounding["eval"]),
+                        eval_max_new_tokens=12))
+
+
+def test_rows_mode_learns_and_touches_nothing_else(whole, grounding):
+    from tokengraft.train.run import RunInfo, load_run, rebuild_base
+
+    run = whole
     falls(run)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_new_precision" in r for r in recs) and (run / "new_tokens.png").stat().st_size > 1000
@@ -88,7 +96,7 @@ def test_lora_mode_learns_without_full_matrices(llava_dir, grounding, tmp_path):
     from tokengraft.train.run import load_run
     from tokengraft.train.trainer import train
 
-    run = train(config(llava_dir, grounding, tmp_path / "lora", mode="lora", lr=2e-2, max_steps=4))
+    run = train(config(llava_dir, grounding, tmp_path / "lora", mode="lora", lr=5e-3, rows_lr=2e-2, max_steps=3))
     falls(run)
     adapter = load_file(str(run / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)  # no modules_to_save copies
@@ -103,7 +111,7 @@ def test_full_mode_learns_and_keeps_vision_frozen(llava_dir, grounding, tmp_path
     from tokengraft.train.run import RunInfo, load_run, rebuild_base
     from tokengraft.train.trainer import train
 
-    run = train(config(llava_dir, grounding, tmp_path / "full", mode="full", lr=1e-4, rows_lr=2e-2, max_steps=4))
+    run = train(config(llava_dir, grounding, tmp_path / "full", mode="full", lr=1e-4, rows_lr=2e-2, max_steps=3))
     falls(run)
     full = load_file(str(run / "model.safetensors"))
     assert not any("vision_tower" in k for k in full)
@@ -114,10 +122,9 @@ def test_full_mode_learns_and_keeps_vision_frozen(llava_dir, grounding, tmp_path
     assert any(not torch.equal(a[k], b[k]) for k in a if "layers.0.self_attn.q_proj" in k)
 
 
-def test_resume_equals_uninterrupted_and_remaps_changed_tokens(llava_dir, grounding, tmp_path):
+def test_resume_equals_uninterrupted_and_remaps_changed_tokens(llava_dir, grounding, whole, tmp_path):
     from tokengraft.train.trainer import train
 
-    whole = train(config(llava_dir, grounding, tmp_path / "whole", save_steps=2))
     cut = tmp_path / "cut"
     train(config(llava_dir, grounding, cut, save_steps=2, stop_after=2))
     assert (cut / "checkpoint-2" / "optimizer.pt").exists() and not (cut / "checkpoint-4").exists()
@@ -141,7 +148,7 @@ def test_resume_equals_uninterrupted_and_remaps_changed_tokens(llava_dir, ground
     shutil.copytree(cut / "checkpoint-2", moved / "checkpoint-2")
     shutil.copy(cut / "run.json", moved / "run.json")
     run = train(config(llava_dir, grounding, moved, tokens=changed, max_steps=2, resume=True,
-                       allow_missing_tokens=True))
+                       allow_missing_tokens=True, allow_text_tags=True))
     got_tokens, got = read_rows(run)
     assert got_tokens == changed
     for t in changed:
@@ -150,12 +157,11 @@ def test_resume_equals_uninterrupted_and_remaps_changed_tokens(llava_dir, ground
     assert not torch.allclose(got["embed"][changed.index("<sep>")], ck_rows["embed"][0])
 
 
-def test_torchrun_two_processes_equal_one(llava_dir, grounding, tmp_path):
+def test_torchrun_two_processes_equal_one(llava_dir, grounding, whole, tmp_path):
+    """Two gloo processes with batch 2 each = one process with batch 4 (the `whole` run's step 2)."""
     import yaml
 
-    from tokengraft.train.trainer import train
-
-    one = train(config(llava_dir, grounding, tmp_path / "one", max_steps=2))
+    one = whole / "checkpoint-2"
     cfg = {k: v for k, v in vars(config(llava_dir, grounding, tmp_path / "two", max_steps=2, batch_size=2)).items()}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -164,4 +170,7 @@ def test_torchrun_two_processes_equal_one(llava_dir, grounding, tmp_path):
                            str(tmp_path / "cfg.yaml")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = rows_of(one)["embed"], rows_of(tmp_path / "two")["embed"]
-    assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+    # gloo sums gradients in another order than one process does: float noise, amplified a little
+    # by Adam's normalization; rows that learned differently would differ by ~lr = 2e-2
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert (a - rows_of(whole)["embed"]).abs().max() > 1e-3  # steps 3-4 moved the rows well beyond that

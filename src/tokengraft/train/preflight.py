@@ -109,7 +109,7 @@ def preflight(records, tokenizer, new_tokens, *, image_folder=None, template="to
               image_token_id=None, n_image_tokens=0, train_on="assistant", check_images=True) -> Report:
     rep = Report(samples=len(records), max_length=max_length)
     render = renderer(tokenizer, template)
-    vocab = tokenizer.get_vocab()
+    known = set(tokenizer.get_vocab()) | set(new_tokens)  # new tokens will be grafted before training
     counts = Counter()
     unknown: dict[str, list] = {}
     folder = Path(image_folder) if image_folder else None
@@ -131,7 +131,7 @@ def preflight(records, tokenizer, new_tokens, *, image_folder=None, template="to
                 counts[tok] += text.count(tok)
             for m in LOOKS_SPECIAL.finditer(text):
                 s = m.group(0)
-                if s not in vocab and s != IMAGE:
+                if s not in known and s != IMAGE:
                     unknown.setdefault(s, [0, sid])[0] += 1
         e = encode(r, tokenizer, render, image_token_id=image_token_id, n_image_tokens=n_image_tokens,
                    max_length=max_length, train_on=train_on)

@@ -245,6 +245,20 @@ def _resume_folder(cfg: TrainConfig) -> Path | None:
     return cks[-1]
 
 
+def _clear_run(run_dir: Path) -> None:
+    """--overwrite: remove what an earlier run left (only files a run writes; never other files)."""
+    import shutil
+
+    from .run import ADAPTER_FILE, FULL_FILE, PROJECTOR_FILE, ROWS_FILE, RUN_FILE
+
+    for ck in checkpoints(run_dir):
+        shutil.rmtree(ck)
+    for name in (RUN_FILE, ROWS_FILE, ADAPTER_FILE, "adapter_config.json", PROJECTOR_FILE, FULL_FILE,
+                 "metrics.jsonl", "new_tokens.png", "config.train.json", "tokengraft.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+
+
 def train(cfg: TrainConfig, log=None) -> Path:
     """Run one SFT job; returns the run folder (see :mod:`tokengraft.train.run` for its layout)."""
     cfg.check()
@@ -301,10 +315,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
                    pad_to_multiple_of=cfg.pad_to_multiple_of, train_projector=cfg.train_projector,
                    train_vision=cfg.train_vision, lora=lora if cfg.mode == "lora" else {})
     if rank0:
+        if ckpt is None and run_dir.exists() and cfg.overwrite:
+            _clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            for stale in ("metrics.jsonl",):
-                (run_dir / stale).unlink(missing_ok=True)
         info.save(run_dir)
         manifest.save(run_dir)
         (run_dir / "config.train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
