@@ -147,7 +147,7 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
         if not any(found[k].side == "output" and found[k].kind == "weight" for k in vocab_keys):
             tied = tied or None  # no head saved: decide from the state dict
 
-    streaming = (info.format == "hf-folder" and info.optimizer is None and info.adapter_config is None
+    streaming = (info.format == "hf-folder" and info.adapter_config is None
                  and all(f.endswith(".safetensors") for f in info.files))
     if streaming:
         # one vocabulary tensor in memory at a time, computed while its shard is being written
@@ -172,6 +172,8 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
     with atomic_folder(out, overwrite=overwrite) as tmp:
         if info.format in ("hf-folder", "peft") and all(f.endswith((".safetensors", ".bin")) for f in info.files):
             _write_same_layout(ck, tmp, new, report)
+            if report.optimizer is not None:  # a Trainer checkpoint: resume with the moments remapped
+                torch.save(report.optimizer, tmp / "optimizer.pt")
         else:
             _write_safetensors_folder(ck, tmp, new, report)
         _write_metadata(info, tgt, tmp, row_map.target_rows, report, src)
@@ -335,11 +337,11 @@ def _write_safetensors_folder(ck: Checkpoint, tmp: Path, new: dict, report: Rema
 def _write_metadata(info, tgt: Target, tmp: Path, rows: int, report: RemapReport, src: Path) -> None:
     # the source's other files (config, generation config, README...) come along; weights and
     # tokenizer files do not (the target's tokenizer replaces the source's)
+    # (a Trainer's scheduler.pt, rng_state.pth, trainer_state.json travel as they are: never loaded)
     if info.format in ("hf-folder", "peft"):
+        skip = set(info.files) | set(INDEX_FILES) | set(TOKENIZER_OUT) | {MANIFEST_FILE, "adapter_config.json"}
         for p in sorted(info.path.iterdir()):
-            if (p.is_file() and p.name not in TOKENIZER_OUT and p.name != MANIFEST_FILE
-                    and not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in INDEX_FILES
-                    and p.name != "adapter_config.json" and not (tmp / p.name).exists()):
+            if p.is_file() and p.name not in skip and not (tmp / p.name).exists():
                 shutil.copy2(p, tmp / p.name)
     if (tmp / "config.json").is_file():
         cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))

@@ -194,6 +194,11 @@ def _open_folder(folder: Path) -> Checkpoint:
         if (sub / "mp_rank_00_model_states.pt").is_file():
             return _open_deepspeed(sub, info)
 
+    if (folder / "optimizer.pt").is_file():  # a transformers Trainer checkpoint-N folder
+        opt = safe_load(folder / "optimizer.pt")
+        if isinstance(opt, dict) and isinstance(opt.get("state"), dict):
+            info.optimizer = opt
+            info.notes.append("optimizer.pt: torch optimizer state (moments remapped with the weights)")
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
             idx = _read_json(folder / index_name)

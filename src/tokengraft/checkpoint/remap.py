@@ -435,45 +435,50 @@ def _remap_trainable_tokens(sd: dict, found: dict, rm: RowMap, adapter_config: d
 
 def remap_optimizer_state(optimizer: dict, state_dict: dict, found: dict, rm: RowMap,
                           param_names: list[str] | None, report: RemapReport) -> dict:
-    """Remap ``exp_avg``/``exp_avg_sq`` (and any per-row state) of vocabulary-shaped parameters.
+    """Remap ``exp_avg``/``exp_avg_sq`` (and any other per-row state) of vocabulary-shaped parameters.
 
-    Optimizer state is keyed by parameter index (order of the optimizer's parameters). Each index
-    is matched to a state-dict key: by ``param_names`` when given, else by walking the state dict in
-    order and taking the next tensor of the same shape. Shared rows keep their moments; new rows
-    start at zero (as a fresh parameter would)."""
-    opt = {"state": dict(optimizer.get("state", {})), "param_groups": copy.deepcopy(optimizer.get("param_groups", []))}
-    order = [i for g in opt["param_groups"] for i in g.get("params", [])] or sorted(opt["state"])
-    keys = [k for k, v in state_dict.items() if hasattr(v, "shape")]  # tensors, or shape-only stand-ins
-    pos = 0
+    Optimizer state is keyed by parameter index. An index is matched to its parameter by name when
+    names are known (``param_names``, or the ``param_names`` torch stores in ``param_groups``), else
+    by shape: a moment shaped like a vocabulary tensor belongs to one. Two vocabulary tensors of the
+    same shape (an untied embedding and head) share the vocabulary dimension, so their moments are
+    remapped identically whichever is meant. Shared rows keep their moments; rows new to the
+    target start at zero, as a fresh parameter's would."""
+    opt = {**optimizer, "state": dict(optimizer.get("state", {})),
+           "param_groups": copy.deepcopy(optimizer.get("param_groups", []))}
+    if param_names is None and all("param_names" in g for g in opt["param_groups"]) and opt["param_groups"]:
+        names = {i: n for g in opt["param_groups"] for i, n in zip(g.get("params", []), g["param_names"])}
+    else:
+        names = dict(enumerate(param_names)) if param_names is not None else {}
+    by_shape: dict[tuple, VocabTensor] = {}
+    for k, vt in found.items():
+        if vt is not None and vt.kind != "trainable_tokens" and k in state_dict:
+            by_shape.setdefault(tuple(state_dict[k].shape), vt)
     identity = rm.is_identity()
-    for i in order:
-        st = opt["state"].get(i)
+    for i, st in list(opt["state"].items()):
         if not isinstance(st, dict):
             continue
-        shape = next((tuple(v.shape) for n, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-        key = None
-        if param_names is not None:
-            key = param_names[i] if isinstance(i, int) and i < len(param_names) else None
-        elif shape is not None:
-            while pos < len(keys) and tuple(state_dict[keys[pos]].shape) != shape:
-                pos += 1
-            if pos < len(keys):
-                key, pos = keys[pos], pos + 1
-        vt = found.get(key) if key else None
+        shape = next((tuple(v.shape) for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if names:
+            key = names.get(i)
+            vt = found.get(key) if key in found else None
+            if vt is not None and (vt.kind == "trainable_tokens" or tuple(state_dict[key].shape) != shape):
+                vt = None
+        else:
+            vt = by_shape.get(shape)
+            key = vt.key if vt is not None else None
         new_st = dict(st)
         for n, v in st.items():
             if not isinstance(v, torch.Tensor) or v.dim() == 0:
                 continue
-            if vt is not None and vt.kind != "trainable_tokens" and v.shape == state_dict[key].shape:
-                moved = rm.apply(v.movedim(vt.dim, 0), 0)
-                new_st[n] = moved.movedim(0, vt.dim).contiguous()
+            if vt is not None and tuple(v.shape) == shape:
+                new_st[n] = gather(v.movedim(vt.dim, 0), rm).movedim(0, vt.dim).contiguous()
             elif rm.source_rows in v.shape and not identity:
                 raise RemapError(f"optimizer state {i}.{n} {tuple(v.shape)} has a vocabulary-sized dimension but "
-                                 f"matches no vocabulary-shaped parameter (matched to {key!r}); pass param_names")
+                                 f"belongs to no vocabulary-shaped parameter (matched to {key!r}); pass param_names")
         if vt is not None:
+            after = next(v.shape for v in new_st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
             report.remapped.append({"key": f"optimizer.state.{i} ({key})", "kind": "moment", "side": vt.side,
-                                    "dim": vt.dim, "before": list(st.get('exp_avg', v).shape),
-                                    "after": list(new_st.get('exp_avg', v).shape)})
+                                    "dim": vt.dim, "before": list(shape), "after": list(after)})
         opt["state"][i] = new_st
     return opt
 
