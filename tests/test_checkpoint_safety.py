@@ -104,3 +104,19 @@ def test_vocabulary_tensor_with_integer_dtype_is_an_error():
     sd = {"model.embed_tokens.weight": torch.ones(10, 4, dtype=torch.int64)}
     with pytest.raises(RemapError, match="dtype"):
         remap_state_dict(sd, words(10), words(10) + ["<x>"])
+
+
+def test_storage_types_of_old_cuda_files_keep_their_dtype():
+    from tokengraft.checkpoint import safe_pickle
+
+    assert safe_pickle._safe_global("torch.cuda", "HalfStorage").dtype == torch.float16
+    assert safe_pickle._safe_global("torch", "BFloat16Storage").dtype == torch.bfloat16
+    assert issubclass(safe_pickle._safe_global("torch.cuda", "Event"), safe_pickle.Placeholder)
+    assert issubclass(safe_pickle._safe_global("builtins", "eval"), safe_pickle.Placeholder)
+
+
+def test_tensor_views_and_shared_storage_survive(tmp_path):
+    base = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    torch.save({"a": base, "t": base.t(), "row": base[1]}, tmp_path / "v.pt")
+    obj = safe_load(tmp_path / "v.pt")
+    assert torch.equal(obj["t"], base.t()) and torch.equal(obj["row"], base[1]) and obj["a"].dtype == torch.float16

@@ -17,7 +17,6 @@ import mmap
 import os
 import pickle
 import struct
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -135,19 +134,24 @@ _SAFE = {
 }
 
 
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+    "UntypedStorage": torch.uint8,
+}
+
+
 def _safe_global(module: str, name: str):
     if (module, name) in _SAFE:
         return _SAFE[(module, name)]
+    if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:  # old files say torch.cuda.HalfStorage
+        return _StorageType(_STORAGE_DTYPES[name])
     if module == "torch":
         obj = getattr(torch, name, None)
         if isinstance(obj, torch.dtype):
             return obj
-        if name.endswith("Storage") and obj is not None:  # torch.FloatStorage & co: data only
-            if name == "UntypedStorage":
-                return _StorageType(torch.uint8)
-            with warnings.catch_warnings():  # TypedStorage's deprecation warning says nothing here
-                warnings.simplefilter("ignore")
-                return _StorageType(obj.dtype)
     return _placeholder_class(module, name)
 
 
@@ -165,7 +169,9 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
             raise UnsafeCheckpointError(f"unknown persistent id {pid!r:.60}")
         _, stype, key, _location, _numel = pid
-        dtype = stype.dtype if isinstance(stype, _StorageType) else torch.uint8
+        if not isinstance(stype, _StorageType):
+            raise UnsafeCheckpointError(f"unknown storage type {stype!r}; tokengraft reads the standard tensor types only")
+        dtype = stype.dtype
         return _Storage(self._storages(str(key)), dtype)
 
 
@@ -238,8 +244,10 @@ def safe_load(path) -> object:
 
     try:
         obj = _Unpickler(zf.read(pkl[0]), storage).load()
-    except UnsafeCheckpointError:
-        raise
+    except UnsafeCheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise UnsafeCheckpointError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError) as e:
         raise UnsafeCheckpointError(f"{path}: cannot unpickle safely ({type(e).__name__}: {e})") from None
     finally:
