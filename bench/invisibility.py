@@ -31,6 +31,7 @@ def main(argv=None):
     from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
 
     from tokengraft import graft
+    from tokengraft.graft import markup_words
     from tokengraft.assets import smollm2_dir
     from tokengraft.probe import head_inputs, heldout_text, kl_base_vs_grafted
 
@@ -40,7 +41,7 @@ def main(argv=None):
     hidden = head_inputs(base, base_tok, heldout_text(), max_tokens=4096)
     W = base.lm_head.weight.detach().clone()
     n = W.shape[0]
-    pieces = {t: base_tok(t.strip("<>/"), add_special_tokens=False)["input_ids"] for t in TOKENS}
+    pieces = {t: base_tok(markup_words(t), add_special_tokens=False)["input_ids"] for t in TOKENS}
     subword = torch.stack([W[pieces[t]].mean(0) for t in TOKENS])
 
     def fresh():

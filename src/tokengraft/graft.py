@@ -98,6 +98,15 @@ def _read_tokens_file(path: str) -> list:
     return data
 
 
+def markup_words(token: str) -> str:
+    """The words inside markup, for subword init: "<loc_17>" -> "loc 17", "</box>" -> "end box".
+    The brackets say little about the meaning, and an opening and closing tag must not start equal."""
+    core = token.strip("<>[]|{} ")
+    closing = core.startswith("/")
+    words = core.strip("/").replace("_", " ").strip() or token
+    return f"end {words}" if closing else words
+
+
 # -- model helpers ----------------------------------------------------------------------------
 
 def is_tied(model) -> bool:
@@ -257,8 +266,8 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
             return I.copy_row(weight, src)
         if method == "describe" or (method == "auto" and spec.description):
             text = spec.description
-        else:  # "<loc_17>" -> "loc_17": the markup pieces say little about the meaning
-            text = spec.content.strip("<>[]|/ ") or spec.content
+        else:
+            text = markup_words(spec.content)
         pieces = [p for p in tokenizer(text, add_special_tokens=False)["input_ids"] if p < n_base]
         return I.subword_row(weight, pieces, fallback)
 

@@ -58,17 +58,21 @@ def log_softmax_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def kl_base_vs_grafted(hidden: torch.Tensor, base_weight: torch.Tensor, grafted_weight: torch.Tensor,
-                       base_bias=None, grafted_bias=None, chunk: int = 256) -> tuple[float, float]:
-    """(mean KL(base || grafted) in nats per position, largest mass the extra rows take at any
-    position), from head inputs. Extra rows are the rows the grafted head has beyond the base's."""
+                       base_bias=None, grafted_bias=None, new_rows: list[int] | None = None,
+                       chunk: int = 256) -> tuple[float, float]:
+    """(mean KL(base || grafted) in nats per position, largest mass the new rows take at any
+    position), from head inputs. The base head's rows are a prefix of the grafted head's; new rows
+    default to the rows the grafted head has beyond the base's (pass ``new_rows`` when the graft
+    reused rows the base already had)."""
     n = base_weight.shape[0]
+    new = list(range(n, grafted_weight.shape[0])) if new_rows is None else list(new_rows)
     kls, mass = [], 0.0
     for h in hidden.split(chunk):
         lp = log_softmax_rows(h, base_weight, base_bias)
         lq = log_softmax_rows(h, grafted_weight, grafted_bias)
         kls.append((lp.exp() * (lp - lq[:, :n])).sum(-1))
-        if lq.shape[1] > n:
-            mass = max(mass, float(lq[:, n:].exp().sum(-1).max()))
+        if new:
+            mass = max(mass, float(lq[:, new].exp().sum(-1).max()))
     return float(torch.cat(kls).mean()), mass
 
 
