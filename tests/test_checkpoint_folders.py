@@ -143,7 +143,7 @@ def test_streamed_convert_equals_in_memory_remap(sharded, tmp_path, monkeypatch)
 
 def test_checkpoint_keys_match_in_memory_names():
     """load_checkpoint maps on-disk layouts (LLaVA classic, XTuner `llm.`) to a model's own names."""
-    from tokengraft.checkpoint.remap import match_keys
+    from tokengraft.checkpoint.load import match_keys
 
     disk = ["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
             "vision_tower.vision_model.post_layernorm.weight", "multi_modal_projector.linear_1.weight"]

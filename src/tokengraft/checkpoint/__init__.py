@@ -9,8 +9,9 @@ tokenizers without a ``tokenizer.json``).
 from .convert import convert
 from .readers import (Checkpoint, CheckpointError, CheckpointInfo, open_checkpoint, read_state_dict,
                       safetensors_header)
-from .remap import (RemapError, RemapReport, classify, load_checkpoint, remap_optimizer_state,
-                    remap_state_dict)
+from .load import load_checkpoint
+from .optim import remap_optimizer_state
+from .remap import RemapError, RemapReport, classify, remap_state_dict
 from .safe_pickle import Placeholder, UnsafeCheckpointError, safe_load
 from .sources import SourceVocabError
 

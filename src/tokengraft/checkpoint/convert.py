@@ -1,8 +1,8 @@
 """Streaming on-disk conversion of a checkpoint to another vocabulary.
 
-Only the vocabulary-shaped tensors are read into memory. Shards that hold none are hard-linked
-(or copied) into the output; shards that hold some are rewritten with every other tensor copied
-byte for byte. The output folder is built in a temporary sibling and renamed into place; the source
+Vocabulary-shaped tensors are read and written in row chunks (``stream.py``). Shards that hold none
+are hard-linked (or copied) into the output; shards that hold some are rewritten with every other
+tensor copied byte for byte (in the kernel where possible). The output folder is built in a temporary sibling and renamed into place; the source
 is only ever read.
 
 Outputs: HF folders and PEFT adapter folders keep their layout (file names, sharding, index,
@@ -25,16 +25,16 @@ from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
 from ..vocab import fingerprint
 from .readers import Checkpoint, CheckpointError, open_checkpoint, safetensors_header
+from .optim import remap_optimizer_state
 from .remap import (RemapError, RemapReport, _is_tied, build_row_map, check_explained, classify, infer_rows,
-                    remap_optimizer_state, remap_state_dict, remap_tensor)
-from .sources import SourceVocabError, manifest_vocab, resolve_source_vocab
+                    remap_state_dict, remap_tensor)
+from .sources import SourceVocabError, resolve_source_vocab
 from .stream import SafetensorsRows, streamable, write_remapped
 from .stwriter import DTYPE_NAMES, Entry, copy_entry, tensor_entry, write_safetensors
 
 TOKENIZER_OUT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                  "processor_config.json", "preprocessor_config.json", "tekken.json")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 

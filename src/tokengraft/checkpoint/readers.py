@@ -13,7 +13,6 @@ No code from any file runs: safetensors, or :func:`safe_pickle.safe_load`.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
