@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,6 +92,33 @@ def test_bin_folder_stays_bin(sharded, tmp_path):
     sd = torch.load(out / "pytorch_model.bin", weights_only=True)
     assert sd["lm_head.weight"].shape == (100, 32)
     assert torch.equal(sd["lm_head.weight"][TGT.index("<a>")], model.lm_head.weight[SRC.index("<a>")])
+
+
+def test_bin_folder_as_safetensors_when_asked(sharded, tmp_path):
+    _, _, target, model = sharded
+    src = tmp_path / "bin"
+    src.mkdir()
+    sd = model.state_dict()
+    half = len(sd) // 2
+    keys = list(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[:half], "pytorch_model-00002-of-00002.bin": keys[half:]}
+    for f, ks in shards.items():
+        torch.save({k: sd[k] for k in ks}, src / f)
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    model.config.save_pretrained(src)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tokengraft", "convert", str(src), "--to", str(target), "-o", str(out),
+                        "--source-tokenizer", str(sharded[1]), "--safetensors"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00002.safetensors",
+                                                                 "model-00002-of-00002.safetensors"]
+    assert not list(out.glob("*.bin")) and (out / "model.safetensors.index.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    new = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(new.lm_head.weight[TGT.index("<a>")], model.lm_head.weight[SRC.index("<a>")])
+    assert torch.equal(new.model.norm.weight, model.model.norm.weight)
 
 
 def test_existing_output_needs_overwrite(sharded, tmp_path):

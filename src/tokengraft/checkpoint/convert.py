@@ -113,8 +113,9 @@ def _link_or_copy(src: Path, dst: Path) -> str:
 
 
 def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=None, init: str = "auto",
-            overwrite: bool = False, log=print) -> RemapReport:
-    """Convert ``checkpoint`` to the vocabulary of ``target`` (a folder with a tokenizer), writing ``out``."""
+            overwrite: bool = False, safetensors: bool = False, log=print) -> RemapReport:
+    """Convert ``checkpoint`` to the vocabulary of ``target`` (a folder with a tokenizer, or a
+    tokengraft.json), writing ``out``. ``safetensors``: write ``.bin`` shards as safetensors."""
     src = Path(checkpoint)
     out = Path(out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
@@ -170,7 +171,10 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
         report.optimizer = remap_optimizer_state(info.optimizer, full_shapes, found, row_map, None, report)
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
-        if info.format in ("hf-folder", "peft") and all(f.endswith((".safetensors", ".bin")) for f in info.files):
+        same = info.format in ("hf-folder", "peft") and all(f.endswith((".safetensors", ".bin")) for f in info.files)
+        if same and safetensors and any(f.endswith(".bin") for f in info.files):
+            _write_bin_as_safetensors(ck, tmp, new, report)
+        elif same:
             _write_same_layout(ck, tmp, new, report)
             if report.optimizer is not None:  # a Trainer checkpoint: resume with the moments remapped
                 torch.save(report.optimizer, tmp / "optimizer.pt")
@@ -309,6 +313,35 @@ def _new_entry(k: str, new, ck: Checkpoint) -> Entry:
     def write(fh):
         new.write(k, fh)
     return Entry(k, DTYPE_NAMES[ck.dtype(k)], shape, _nbytes(ck, k, new), write)
+
+
+def _safetensors_name(f: str) -> str:
+    """pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors (HF's own naming)."""
+    stem = f[: -len(".bin")]
+    stem = "model" + stem[len("pytorch_model"):] if stem.startswith("pytorch_model") else stem
+    return stem + ".safetensors"
+
+
+def _write_bin_as_safetensors(ck: Checkpoint, tmp: Path, new, report: RemapReport) -> None:
+    """An HF folder of .bin shards written as safetensors shards, sharded the same way."""
+    names = {f: _safetensors_name(f) for f in ck.info.files}
+    for f, keys in ck.info.files.items():
+        entries = []
+        for k in keys:
+            if k in new:
+                entries.append(_new_entry(k, new, ck))
+            else:
+                entries.append(tensor_entry(k, ck.get(k)))
+        write_safetensors(tmp / names[f], entries, {"format": "pt"})
+    idx = ck.info.root / "pytorch_model.bin.index.json"
+    if idx.is_file():
+        data = json.loads(idx.read_text(encoding="utf-8"))
+        data["weight_map"] = {k: names[v] for k, v in data["weight_map"].items()}
+        data.setdefault("metadata", {})["total_size"] = sum(_nbytes(ck, k, new) for k in ck.keys())
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if report.adapter_config is not None:
+        (tmp / "adapter_config.json").write_text(json.dumps(report.adapter_config, indent=2) + "\n", encoding="utf-8")
+    report.notes.append(f".bin shards written as safetensors: {', '.join(names.values())}")
 
 
 def _write_safetensors_folder(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport) -> None:

@@ -59,6 +59,8 @@ def register(subparsers, name):
     p.add_argument("--init", default="auto", choices=("auto", "mean", "hewitt", "subword", "zero"),
                    help="how rows new to TARGET are initialized (default: auto = sub-word mean on the "
                         "input side, mean over trained rows on the output side and for tied heads)")
+    p.add_argument("--safetensors", action="store_true",
+                   help="write an HF folder's .bin shards as safetensors (same sharding; default: keep .bin)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return p
 
@@ -90,5 +92,6 @@ def run(args) -> int:
     _return_freed_memory()
 
     convert(args.checkpoint, args.target, args.output, source_tokenizer=args.source_tokenizer,
-            source_tokens=args.source_tokens, init=args.init, overwrite=args.overwrite, log=_log)
+            source_tokens=args.source_tokens, init=args.init, overwrite=args.overwrite,
+            safetensors=args.safetensors, log=_log)
     return 0
