@@ -187,6 +187,9 @@ def encode(rec: dict, tokenizer, render, *, image_token_id: int | None = None, n
     n = len(ids)
     enc = Encoded(ids, labels, imgs, rid, n)
     n_ph = ids.count(image_token_id) // max(n_image_tokens, 1) if image_token_id is not None else 0
+    if imgs and image_token_id is None:
+        enc.dropped = "the sample has an image but the model is text-only (no processor / image token)"
+        return enc
     if imgs and n_ph != len(imgs):
         enc.dropped = f"{len(imgs)} image(s) but {n_ph} {IMAGE} placeholder(s) in the text"
         return enc
