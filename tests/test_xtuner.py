@@ -318,3 +318,31 @@ def test_lora_setting_parses_text_only():
     assert lora_setting(cfg, "llm_lora") == {"lora_alpha": 256.0, "r": 512, "use_rslora": True}
     assert lora_setting(cfg, "visual_encoder_lora") == {"lora_alpha": 16.0, "r": 64, "use_rslora": False}
     assert lora_setting(None, "llm_lora") == {}
+
+
+def test_split_export_full_llm_and_visual_encoder_adapter(base, tmp_path):
+    """Split export with a merged llm/ and a visual_encoder_adapter/ (LoRA on the CLIP tower)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    from tokengraft.xtuner import import_xtuner
+
+    split = tmp_path / "hf"
+    lm = AutoModelForCausalLM.from_pretrained(base["llm"], dtype=torch.float32).eval()
+    _perturb(lm, seed=21)
+    lm.save_pretrained(split / "llm")
+    base["tok"].save_pretrained(split / "llm")
+    clip = CLIPVisionModel.from_pretrained(base["clip"]).eval()
+    pc = get_peft_model(clip, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    _perturb(pc, scale=0.1, seed=22, only="lora_")
+    pc.save_pretrained(split / "visual_encoder_adapter")
+    ref_clip = pc.merge_and_unload().eval()
+    proj = _projector(seed=23)
+    (split / "projector").mkdir()
+    save_file({k: v.contiguous() for k, v in _proj_sd(proj).items()}, str(split / "projector" / "model.safetensors"))
+
+    rep = import_xtuner(split, tmp_path / "out", visual_encoder=base["clip"], tokens=TOKENS, log=lambda *a: None)
+    assert any("visual_encoder_adapter" in n for n in rep.notes)
+    model, tok = _check(tmp_path / "out", lm, ref_clip, proj, rows_ref=32000)
+    _check_layout(model, tok)
