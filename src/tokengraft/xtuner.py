@@ -146,7 +146,8 @@ def unwrap_peft_names(part: dict) -> tuple[dict, dict[str, dict[str, torch.Tenso
 
 def merge_lora(weights: dict[str, torch.Tensor], lora: dict[str, dict[str, torch.Tensor]], alpha: float | None,
                use_rslora: bool = False, where: str = "llm") -> str:
-    """Add ``scale * B @ A`` to each ``<module>.weight`` in ``weights`` (in place, fp32).
+    """Add ``scale * B @ A`` to each ``<module>.weight`` tensor of ``weights``, in place (so a
+    module's ``state_dict()`` merges into the module without a second copy of the weights).
     Embedding LoRA (``lora_embedding_A`` r x vocab, ``B`` hidden x r) adds ``(B @ A).T``."""
     if not lora:
         return ""
@@ -177,7 +178,8 @@ def merge_lora(weights: dict[str, torch.Tensor], lora: dict[str, dict[str, torch
         scale = alpha / (r ** 0.5 if use_rslora else r)
         if delta.shape != w.shape:
             raise XTunerError(f"{where}: LoRA of {mod} gives {tuple(delta.shape)}, the weight is {tuple(w.shape)}")
-        weights[key] = (w.float() + scale * delta).to(w.dtype)
+        with torch.no_grad():
+            w.add_((scale * delta).to(w.dtype))
     return f"{where}: {len(lora)} module(s), rank {sorted(ranks)}, alpha {alpha:g}"
 
 
@@ -199,6 +201,13 @@ def _load_into(module, tensors: dict, where: str) -> int:
         for k, v in tensors.items():
             own[k].copy_(v.to(own[k].dtype))
     return len(tensors)
+
+
+def _apply(module, plain: dict, lora: dict, alpha, use_rslora: bool, where: str) -> str:
+    """Copy the checkpoint's full tensors into ``module``, then merge its LoRA pairs, in place."""
+    if plain:
+        _load_into(module, plain, where)
+    return merge_lora(module.state_dict(), lora, alpha, use_rslora, where) if lora else ""
 
 
 def _merge_peft_folder(model, adapter, where):
@@ -306,31 +315,19 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
         notes.append(f"the checkpoint has {rows_ck} vocabulary rows, the LLM {n_base} tokens: rows {n_base}.."
                      f"{rows_ck - 1} are taken to be the given tokens in order (XTuner stores no vocabulary)")
     tied = is_tied(lm)
-    loaded = {}
-    weights = {k: v.detach().clone() for k, v in lm.state_dict().items()}
-    n_llm = 0
-    for k, v in plain.items():
-        if k not in weights:
-            raise XTunerError(f"llm.{k}: no such tensor in the LLM {llm}; was the run built on another model?")
-        if tuple(v.shape) != tuple(weights[k].shape):
-            raise XTunerError(f"llm.{k}: {tuple(v.shape)} in the checkpoint, {tuple(weights[k].shape)} in the LLM")
-        weights[k] = v.float()
-        n_llm += 1
-    merged = []
-    if lora:
-        st = lora_setting(cfg_text, "llm_lora")
-        alpha = lora_alpha if lora_alpha is not None else st.get("lora_alpha")
-        merged.append(merge_lora(weights, lora, alpha, st.get("use_rslora", False), "llm"))
-        n_llm += sum(len(v) for v in lora.values())
-    if n_llm:
-        missing, unexpected = lm.load_state_dict(weights, strict=False)
-        assert not unexpected, unexpected
-        loaded["llm"] = n_llm
-    if tied and is_tied(lm) is False:
+    loaded, merged = {}, []
+    st = lora_setting(cfg_text, "llm_lora")
+    merged.append(_apply(lm, plain, lora, lora_alpha if lora_alpha is not None else st.get("lora_alpha"),
+                         st.get("use_rslora", False), "llm"))
+    if plain or lora:
+        loaded["llm"] = len(plain) + sum(len(v) for v in lora.values())
+    if tied and not is_tied(lm):
         raise XTunerError("loading the checkpoint untied the LLM's head; not supported")
+    # rows of the user's tokens that XTuner trained *and saved* (full tensors; a LoRA'd head's
+    # new rows sat on XTuner's unsaved resize init, so they are re-initialized instead)
+    head_key = next((k for k in lm.state_dict() if k.endswith("lm_head.weight")), None)
     trained_in = emb_key in plain if emb_key else False
-    head_key = next((k for k in weights if k.endswith("lm_head.weight")), None)
-    trained_out = (head_key in plain or any(m.endswith("lm_head") for m in lora)) if not tied else trained_in
+    trained_out = trained_in if tied else head_key in plain
 
     # 2. vision tower (+ trained / LoRA tensors)
     clip = CLIPVisionModel.from_pretrained(str(visual_encoder), dtype=torch.float32)
@@ -339,16 +336,9 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
         notes.append(f"merged PEFT adapter {visual_encoder_adapter}")
     vplain, vlora = unwrap_peft_names(parts["visual_encoder"])
     if vplain or vlora:
-        vw = {k: v.detach().clone() for k, v in clip.state_dict().items()}
-        for k in vplain:
-            if k not in vw:
-                raise XTunerError(f"visual_encoder.{k}: no such tensor in the CLIP tower {visual_encoder}")
-        vw.update({k: v.float() for k, v in vplain.items()})
-        if vlora:
-            st = lora_setting(cfg_text, "visual_encoder_lora")
-            alpha = visual_lora_alpha if visual_lora_alpha is not None else st.get("lora_alpha")
-            merged.append(merge_lora(vw, vlora, alpha, st.get("use_rslora", False), "visual_encoder"))
-        _load_into(clip, {k: vw[k] for k in vw}, "visual_encoder")
+        st = lora_setting(cfg_text, "visual_encoder_lora")
+        merged.append(_apply(clip, vplain, vlora, visual_lora_alpha if visual_lora_alpha is not None
+                             else st.get("lora_alpha"), st.get("use_rslora", False), "visual_encoder"))
         loaded["visual_encoder"] = len(vplain) + sum(len(v) for v in vlora.values())
 
     # 3. assemble the LLaVA from the modules' own in-memory names
