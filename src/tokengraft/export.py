@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .graft import is_tied, rows_of, sync_config
-from .io import atomic_folder, is_llava, read_config
+from .io import atomic_folder, is_llava
 from .manifest import Manifest
 from .vocab import fingerprint, vocab_of
 
@@ -393,8 +393,12 @@ def verify(out, reference_model, tokenizer, processor=None, *, manifest: Manifes
             req["probes"].append({"text": text, "image": img_path})
         (work / "request.json").write_text(json.dumps(req, ensure_ascii=False), encoding="utf-8")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(work)], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+        try:
+            proc = subprocess.run([sys.executable, "-c", _CHILD, str(work)], capture_output=True, text=True,
+                                  env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return VerifyReport(ok=False, problems=[f"reloading {out} took longer than {timeout:.0f} s; "
+                                                    f"pass a larger timeout to verify()"])
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             return VerifyReport(ok=False, problems=[f"plain transformers could not load {out}: {tail[0]}"])
