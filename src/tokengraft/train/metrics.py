@@ -142,6 +142,8 @@ def plot(run_dir) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        return None
     recs = read_metrics(run_dir)
     if not recs:
         return None

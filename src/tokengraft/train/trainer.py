@@ -21,7 +21,7 @@ from .data import Collator, LlavaDataset, image_token_count, load_records, rende
 from .metrics import MetricsWriter, generation_eval, plot, row_norms, summarize, token_stats
 from .params import MODES, param_groups, prepare
 from .preflight import PreflightError, preflight, tokens_from_data
-from .run import RunInfo, checkpoints, remap_rows, resume_parts, save_parts
+from .run import RunInfo, checkpoints, resume_parts, save_parts
 
 
 class TrainError(ValueError):
@@ -245,6 +245,15 @@ def _resume_folder(cfg: TrainConfig) -> Path | None:
     return cks[-1]
 
 
+def _steps_done(ckpt: Path | None) -> int:
+    if ckpt is None:
+        return 0
+    try:
+        return int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def _clear_run(run_dir: Path) -> None:
     """--overwrite: remove what an earlier run left (only files a run writes; never other files)."""
     import shutil
@@ -349,7 +358,14 @@ def train(cfg: TrainConfig, log=None) -> Path:
           "processor": proc, "is_new": is_new, "base_rows": base_rows, "log": log}
     trainer = GraftTrainer(model=plan.model, args=args, train_dataset=ds, data_collator=Collator(pad),
                            callbacks=callbacks, tg=tg)
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    done = _steps_done(ckpt)
+    if ckpt is not None and done >= cfg.max_steps:
+        # transformers would still take one more step here; there is nothing left to train
+        log(f"resume: {ckpt.name} is at step {done} >= max_steps {cfg.max_steps}; nothing to train, "
+            f"writing its parts (remapped if the tokens changed) as the run's result")
+        trainer._load_from_checkpoint(str(ckpt))
+    else:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     trainer.save_model(str(run_dir))
     if rank0:
         plot(run_dir)
