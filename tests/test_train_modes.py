@@ -174,3 +174,23 @@ def test_torchrun_two_processes_equal_one(llava_dir, grounding, whole, tmp_path)
     # by Adam's normalization; rows that learned differently would differ by ~lr = 2e-2
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert (a - rows_of(whole)["embed"]).abs().max() > 1e-3  # steps 3-4 moved the rows well beyond that
+
+
+def test_load_run_refuses_a_changed_or_missing_base(whole, smollm2_dir, tmp_path):
+    import shutil
+
+    from tokengraft.train.run import RunError, RunInfo, load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(whole, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    info = RunInfo.load(run)
+    info.base_model = str(smollm2_dir)  # another vocabulary (no <image>)
+    info.save(run)
+    with pytest.raises(RunError, match="changed since training"):
+        load_run(run)
+    info.base_model = str(tmp_path / "gone")
+    info.save(run)
+    with pytest.raises(RunError, match="does not exist"):
+        load_run(run)
+    with pytest.raises(RunError, match="no run.json"):
+        load_run(tmp_path)
