@@ -192,5 +192,5 @@ def test_load_run_refuses_a_changed_or_missing_base(whole, smollm2_dir, tmp_path
     info.save(run)
     with pytest.raises(RunError, match="does not exist"):
         load_run(run)
-    with pytest.raises(RunError, match="no run.json"):
+    with pytest.raises(RunError, match="neither trained parts"):
         load_run(tmp_path)
