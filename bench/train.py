@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from pathlib import Path
 CONFIGS = ("lora_no_new", "rows", "lora", "lora_modules_to_save")
 
 
-def one(name: str, llava: str, data: dict, steps: int, batch: int) -> dict:
+def setup(name: str, llava: str, data: dict, batch: int, n_batches: int) -> dict:
+    """Model, optimizer, batches and a step/save function for one configuration."""
     import torch
 
     from tokengraft.graft import graft
@@ -44,11 +46,11 @@ def one(name: str, llava: str, data: dict, steps: int, batch: int) -> dict:
     ds = LlavaDataset(load_records(data["train"]), tok, proc, data["image_folder"], "chatml", max_length=128,
                       image_token_id=img, log=lambda *a: None)
     batches = [Collator(tok.pad_token_id)([ds[(s * batch + i) % len(ds)] for i in range(batch)])
-               for s in range(steps + 2)]
+               for s in range(n_batches)]
     is_new = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
     if ids:
         is_new[torch.tensor(ids)] = True
-    out_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    plan = None
     if name in ("rows", "lora"):
         plan = prepare(model, name, ids, man.tied)
         train_model = plan.model
@@ -63,8 +65,9 @@ def one(name: str, llava: str, data: dict, steps: int, batch: int) -> dict:
         groups = [{"params": [p for p in train_model.parameters() if p.requires_grad]}]
     opt = torch.optim.AdamW(groups, lr=1e-3)
     train_model.train()
-    times = []
-    for s, b in enumerate(batches):
+
+    def step(b) -> float:
+        b = dict(b)
         t0 = time.perf_counter()
         labels = b.pop("labels")
         out = train_model(**b)
@@ -72,22 +75,49 @@ def one(name: str, llava: str, data: dict, steps: int, batch: int) -> dict:
         (total / (labels[:, 1:] != -100).sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if s >= 2:  # first steps warm up allocators and kernels
-            times.append(time.perf_counter() - t0)
-    if name in ("rows", "lora"):
-        info = RunInfo(base_model=llava, base_vocab_fingerprint="-", mode=name, new_tokens=tokens, tied=man.tied)
-        save_parts(out_dir, train_model, model, plan.rows, info, man, tok)
-        weights = ["new_rows.safetensors", "adapter_model.safetensors"]
-    else:
-        train_model.save_pretrained(out_dir)
-        weights = ["adapter_model.safetensors"]
-    ckpt = sum((out_dir / w).stat().st_size for w in weights if (out_dir / w).exists())
-    opt_state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                    if torch.is_tensor(v))
+        return time.perf_counter() - t0
+
+    def save() -> int:
+        out_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        if plan is not None:
+            info = RunInfo(base_model=llava, base_vocab_fingerprint="-", mode=name, new_tokens=tokens, tied=man.tied)
+            save_parts(out_dir, train_model, model, plan.rows, info, man, tok)
+            weights = ["new_rows.safetensors", "adapter_model.safetensors"]
+        else:
+            train_model.save_pretrained(out_dir)
+            weights = ["adapter_model.safetensors"]
+        n = sum((out_dir / w).stat().st_size for w in weights if (out_dir / w).exists())
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return n
+
+    def opt_bytes() -> int:
+        return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+
+    return {"step": step, "save": save, "opt_bytes": opt_bytes, "batches": batches,
+            "trainable": sum(p.numel() for p in train_model.parameters() if p.requires_grad)}
+
+
+def one(name: str, llava: str, data: dict, steps: int, batch: int) -> dict:
+    """One configuration in this process: peak RSS, checkpoint bytes, optimizer state, step time."""
+    s = setup(name, llava, data, batch, steps + 2)
+    times = [s["step"](b) for b in s["batches"]][2:]  # first steps warm up allocators and kernels
     return {"config": name, "step_s": statistics.median(times), "step_times": times,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "ckpt_bytes": ckpt, "optimizer_state_bytes": opt_state,
-            "trainable": sum(p.numel() for p in train_model.parameters() if p.requires_grad)}
+            "ckpt_bytes": s["save"](), "optimizer_state_bytes": s["opt_bytes"](), "trainable": s["trainable"]}
+
+
+def interleaved(llava: str, data: dict, steps: int, batch: int) -> dict:
+    """Step-time ratios vs LoRA-without-new-tokens with every configuration in one process, taking
+    turns step by step, so a busy machine slows them alike; the median of per-round ratios."""
+    setups = {c: setup(c, llava, data, batch, steps + 1) for c in CONFIGS}
+    ratios = {c: [] for c in CONFIGS}
+    for r in range(steps + 1):
+        t = {c: setups[c]["step"](setups[c]["batches"][r]) for c in (CONFIGS if r % 2 == 0 else CONFIGS[::-1])}
+        if r:  # round 0 warms up
+            for c in CONFIGS:
+                ratios[c].append(t[c] / t["lora_no_new"])
+            print("interleaved round", r, {c: round(v, 3) for c, v in t.items()}, flush=True)
+    return {c: statistics.median(v) for c, v in ratios.items()}
 
 
 def main() -> int:
@@ -97,6 +127,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--llava", default=None, help="LLaVA folder (default: build one in the cache)")
     ap.add_argument("--results", default="bench/RESULTS.md")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="also measure step-time ratios with all configurations in one process, N rounds")
+    ap.add_argument("--interleave-only", action="store_true",
+                    help="only the interleaved ratios, appended to the existing `## train` section")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -115,6 +149,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     d = make_grounding_dataset(work, n_train=32, n_eval=0, bins=16, seed=0)
     d = {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+    if a.interleave_only:
+        ratios = interleaved(llava, d, a.interleave or a.steps, a.batch)
+        text = _ratio_text(ratios, a)
+        print(text)
+        write_section(Path(a.results), text, append=True)
+        return 0
     res: dict[str, list] = {c: [] for c in CONFIGS}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     for r in range(a.rounds):
@@ -148,15 +188,32 @@ def main() -> int:
     section = (f"\n## train\n\n`{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; SmolLM2-135M LLaVA, "
                f"20 new tokens, batch {a.batch}, CPU, {os.cpu_count()} cores shared with other jobs)\n\n"
                f"{table}\n\n{goals}\n")
+    if a.interleave:
+        section += _ratio_text(interleaved(llava, d, a.interleave, a.batch), a)
     write_section(Path(a.results), section)
     return 0
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the `## train` section, leaving every other section alone."""
+def _ratio_text(ratios: dict, a) -> str:
+    cmd = f".venv/bin/python bench/train.py --interleave-only --interleave {a.interleave or a.steps} --batch {a.batch}"
+    return (f"\nInterleaved step time (all four in one process taking turns step by step, median of per-round "
+            f"ratios; `{cmd}`): " + ", ".join(f"{c} {v:.3f}x" for c, v in ratios.items()) +
+            f" of LoRA without new tokens (goal for lora: <= 1.05x).\n")
+
+
+def write_section(path: Path, section: str, append: bool = False) -> None:
+    """Replace (or append) the `## train` section, leaving every other section alone; ``append``
+    adds ``section`` at the end of the existing `## train` section instead."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     lines = text.splitlines(keepends=True)
     start = next((i for i, l in enumerate(lines) if l.strip() == "## train"), None)
+    if append and start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "".join(lines[:end]).rstrip("\n") + "\n" + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(new, encoding="utf-8")
+        tmp.replace(path)
+        return
     if start is None:
         new = text.rstrip("\n") + "\n" + section
     else:

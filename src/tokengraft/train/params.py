@@ -58,7 +58,9 @@ class NewRows(nn.Module):
 
     def head_hook(self, module, args, out):
         extra = args[0].to(self.out_delta.dtype) @ self.out_delta.T  # (..., k)
-        return out.index_add(-1, self.ids, extra.to(out.dtype))
+        # in place: the head's matmul does not keep its output for backward, and copying a
+        # batch x seq x vocab logits tensor would cost more than the rest of the hook
+        return out.index_add_(-1, self.ids, extra.to(out.dtype))
 
     def attach(self, model) -> "NewRows":
         self.detach()
