@@ -28,7 +28,7 @@ def _prepare_out(out: Path) -> None:
 
 
 def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 16, bins: int = 8,
-             lr: float = 3e-3, batch_size: int = 8, seed: int = 0, log=print) -> dict:
+             lr: float = 3e-3, batch_size: int = 8, seed: int = 0, image_size: int = 160, log=print) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -43,7 +43,7 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     from ..train.trainer import TrainConfig, train
     from .data import make_grounding_dataset
     from .evaluate import answer, chance_iou, draw_predictions, score
-    from .llava import build_llava
+    from .llava import COMPACT_CHATML, build_llava
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -54,8 +54,8 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
         log(f"\n== {title}")
         timings[title] = time.perf_counter()
 
-    step("1. build a LLaVA: real SmolLM2-135M + small CLIP tower + projector")
-    llava = build_llava(smollm2_dir(), out / "llava", seed=seed)
+    step(f"1. build a LLaVA: real SmolLM2-135M + small CLIP tower ({image_size} px) + projector")
+    llava = build_llava(smollm2_dir(), out / "llava", seed=seed, image_size=image_size, chat_template=COMPACT_CHATML)
     log(f"   {llava}")
 
     step("2. grounding dataset over real photos")
