@@ -24,9 +24,9 @@ def register(sub, name):
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     p.add_argument("--train-samples", type=int, default=256, help="training samples (default 256)")
-    p.add_argument("--eval-samples", type=int, default=16, help="held-out samples (default 16)")
-    p.add_argument("--bins", type=int, default=8, help="location bins per axis, one token each (default 8)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
+    p.add_argument("--eval-samples", type=int, default=24, help="held-out samples (default 24)")
+    p.add_argument("--bins", type=int, default=4, help="location bins per axis, one token each (default 4)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the new rows and projector (default 1e-2)")
     p.add_argument("--seed", type=int, default=0)
     return p
 

@@ -27,8 +27,8 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by `tokengraft demo`; safe to delete\n")
 
 
-def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 16, bins: int = 8,
-             lr: float = 3e-3, batch_size: int = 8, seed: int = 0, image_size: int = 160, log=print) -> dict:
+def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 24, bins: int = 4,
+             lr: float = 1e-2, batch_size: int = 8, seed: int = 0, image_size: int = 160, vision_layers: int = 2, log=print) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -55,7 +55,8 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
         timings[title] = time.perf_counter()
 
     step(f"1. build a LLaVA: real SmolLM2-135M + small CLIP tower ({image_size} px) + projector")
-    llava = build_llava(smollm2_dir(), out / "llava", seed=seed, image_size=image_size, chat_template=COMPACT_CHATML)
+    llava = build_llava(smollm2_dir(), out / "llava", seed=seed, image_size=image_size,
+                        vision_layers=vision_layers, chat_template=COMPACT_CHATML)
     log(f"   {llava}")
 
     step("2. grounding dataset over real photos")
