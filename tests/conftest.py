@@ -77,3 +77,15 @@ def llama_cpp_vocab_dir():
         return f()
     except Exception as e:  # pip download can fail offline: skip, with the reason
         pytest.skip(f"llama.cpp vocab files unavailable: {e}")
+
+
+def tiny_llama(tok, tied: bool = False, seed: int = 0, hidden: int = 64):
+    """A small random LlamaForCausalLM sized to ``tok``, for behaviour that is structural."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return LlamaForCausalLM(cfg).eval()

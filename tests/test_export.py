@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 TOKENS = [{"content": "<box>", "init": "subword"}, {"content": "</box>", "init": "subword", "stop": True},
           {"content": "<ref>", "init": "subword"}]
@@ -29,13 +30,7 @@ def _change_new_rows(model, manifest, seed=0):
 
 
 def _tiny_untied(tok, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tok, tied=False, seed=seed)
 
 
 @pytest.fixture(scope="module")

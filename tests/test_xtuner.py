@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 from torch import nn
+from conftest import tiny_llama
 
 IMG = 32  # image size; patch 8 -> 16 patches (+ CLS, which XTuner drops)
 N_PATCH = 16
@@ -22,13 +23,7 @@ TOKENS = ["<box>", "</box>"]
 # -- building XTuner-style artifacts ------------------------------------------------------------
 
 def _llama(tok, tied: bool, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tok, tied=tied, seed=seed)
 
 
 @pytest.fixture(scope="module")

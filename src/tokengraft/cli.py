@@ -17,10 +17,6 @@ COMMANDS = {  # subcommand -> module under tokengraft.commands
 }
 
 
-class Error(Exception):
-    """An expected failure: printed as one line, exit status 2."""
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's module is imported (some pull in
     transformers/trainers, seconds of start-up that `tokengraft convert` should not pay)."""
@@ -36,12 +32,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, mod in COMMANDS.items():
         if only is not None and name != only:
             continue
-        try:
-            m = importlib.import_module(f".commands.{mod}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(f"commands.{mod}"):
-                continue  # not built yet
-            raise
+        m = importlib.import_module(f".commands.{mod}", __package__)
         sp = m.register(sub, name)
         sp.set_defaults(_run=m.run)
     return p
@@ -65,7 +56,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("tokengraft: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (Error, ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:  # expected: one line, exit 2
         if isinstance(e, RuntimeError) and not _ours(e):
             raise
         print(f"tokengraft {args.command}: error: {e}", file=sys.stderr)
