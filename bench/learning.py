@@ -61,21 +61,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--inits", default="tokengraft:auto,tokengraft:mean,tokengraft:subword,tokengraft:hewitt,transformers,random")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     from tokengraft.assets import smollm2_dir
     from tokengraft.demo.data import make_grounding_dataset
-    from tokengraft.demo.llava import build_llava
+    from tokengraft.demo.llava import COMPACT_CHATML, build_llava
     from tokengraft.train.metrics import read_metrics
     from tokengraft.train.trainer import TrainConfig, train
 
     work = Path(tempfile.mkdtemp(prefix="tg-learning-"))
     results = []
     try:
-        llava = build_llava(smollm2_dir(), work / "llava")
-        data = make_grounding_dataset(work / "data", n_train=256, n_eval=4, bins=8)
+        # the demo's model and data (tokengraft.demo.run defaults)
+        llava = build_llava(smollm2_dir(), work / "llava", image_size=160, vision_layers=2, chat_template=COMPACT_CHATML)
+        data = make_grounding_dataset(work / "data", n_train=256, n_eval=4, bins=4)
         for how in args.inits.split(","):
             folder = variant_folder(llava, data["tokens"], how, work / f"m-{how.replace(':', '-')}")
             t0 = time.perf_counter()
@@ -97,7 +98,7 @@ def main(argv=None):
     ref = next((r for r in results if r[0] == "transformers"), None)
     lines = [f"Command: `.venv/bin/python bench/learning.py --steps {args.steps} --target {args.target}`",
              f"Machine: {machine()}", "",
-             "Demo task (256 samples, 8 location bins, 12 new tokens), `rows` mode + projector, batch 8, "
+             "Demo task (256 samples, 4 location bins, 8 new tokens), `rows` mode + projector, batch 8, "
              f"lr {args.lr}, same seed for every init. Accuracy is over new-token label positions, "
              "averaged over each 5-step logging window.", "",
              f"| init | steps to {args.target:.0%} new-token accuracy | x transformers | final accuracy | final new-token loss |",
