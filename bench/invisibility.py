@@ -31,7 +31,7 @@ def main(argv=None):
     from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer
 
     from tokengraft import graft
-    from tokengraft.graft import markup_words
+    from tokengraft.init import markup_words
     from tokengraft.assets import smollm2_dir
     from tokengraft.probe import head_inputs, heldout_text, kl_base_vs_grafted
 

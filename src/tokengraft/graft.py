@@ -98,15 +98,6 @@ def _read_tokens_file(path: str) -> list:
     return data
 
 
-def markup_words(token: str) -> str:
-    """The words inside markup, for subword init: "<loc_17>" -> "loc 17", "</box>" -> "end box".
-    The brackets say little about the meaning, and an opening and closing tag must not start equal."""
-    core = token.strip("<>[]|{} ")
-    closing = core.startswith("/")
-    words = core.strip("/").replace("_", " ").strip() or token
-    return f"end {words}" if closing else words
-
-
 # -- model helpers ----------------------------------------------------------------------------
 
 def is_tied(model) -> bool:
@@ -134,10 +125,6 @@ def image_token_id(model) -> int | None:
         if isinstance(v, int):
             return v
     return None
-
-
-def _pieces(tokenizer_before_vocab_change, text: str) -> list[int]:
-    return tokenizer_before_vocab_change(text, add_special_tokens=False)["input_ids"]
 
 
 # -- graft ------------------------------------------------------------------------------------
@@ -267,7 +254,7 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
         if method == "describe" or (method == "auto" and spec.description):
             text = spec.description
         else:
-            text = markup_words(spec.content)
+            text = I.markup_words(spec.content)
         pieces = [p for p in tokenizer(text, add_special_tokens=False)["input_ids"] if p < n_base]
         return I.subword_row(weight, pieces, fallback)
 

@@ -11,6 +11,15 @@ import torch
 METHODS = ("auto", "mean", "hewitt", "subword", "describe", "copy")
 
 
+def markup_words(token: str) -> str:
+    """The words inside markup, for subword init: "<loc_17>" -> "loc 17", "</box>" -> "end box".
+    The brackets say little about the meaning, and an opening and closing tag must not start equal."""
+    core = token.strip("<>[]|{} ")
+    closing = core.startswith("/")
+    words = core.strip("/").replace("_", " ").strip() or token
+    return f"end {words}" if closing else words
+
+
 def trained_mask(weight: torch.Tensor, rows: int | None = None, rel: float = 0.05) -> torch.Tensor:
     """Rows that look trained: norm above ``rel`` x the median norm (all-zero and near-zero rows,
     such as Llama-3's reserved tokens, are left out). Only the first ``rows`` rows are candidates."""

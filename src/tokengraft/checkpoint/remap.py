@@ -157,7 +157,7 @@ class RemapReport:
 def _content_pieces(tokenizer, content: str | None) -> list[int]:
     if tokenizer is None or not content:
         return []
-    text = content.strip("<>[]|/ ") or content
+    text = I.markup_words(content)  # the same words graft's subword init uses
     try:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     except Exception:  # a tokenizer that cannot encode this text: fall back to the mean

@@ -45,9 +45,8 @@ def register(sub, name):
 
 
 def run(args) -> int:
-    from ..graft import GraftError, parse_tokens
+    from ..graft import GraftError, graft, parse_tokens
     from ..io import FolderError, load_folder, save_folder
-    from ..graft import graft
 
     if not args.tokens and not args.tokens_file:
         raise GraftError("no tokens given; pass --tokens '<a>,<b>' or --tokens-file FILE")

@@ -68,7 +68,7 @@ CONFIG
     model: ./llava
     data: data/train.json
     image_folder: data/images
-    tokens: 'from-data <loc_\d+>|</?box>|</?ref>'
+    tokens: 'from-data <loc_\\d+>|</?box>|</?ref>'
     mode: rows
     output_dir: runs/box
     max_steps: 200
