@@ -29,7 +29,8 @@ def variant_folder(base: Path, tokens: list[str], how: str, out: Path) -> Path:
     """A copy of the LLaVA with the tokens added the way ``how`` says (the alternatives)."""
     from transformers import AddedToken
 
-    from tokengraft.graft import graft, sync_config
+    from tokengraft.graft import graft
+    from tokengraft.hf import sync_config
     from tokengraft.io import load_folder, save_folder
 
     model, tok, proc, man = load_folder(base)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tokengraft import Manifest, ManifestError, fingerprint, graft, vocab_of
-from tokengraft.graft import GraftError, is_tied, parse_tokens
+from tokengraft.graft import GraftError, parse_tokens
+from tokengraft.hf import is_tied
 from tokengraft.probe import head_inputs, kl_base_vs_grafted, real_text
 
 BOX = "<box>,</box>,<ref>"

@@ -1,24 +1,31 @@
 """tokengraft: add special tokens to LLaVA-style and causal LMs, and carry checkpoints across
-vocabulary changes by token identity."""
-__version__ = "0.1.0"
+vocabulary changes by token identity.
 
-from .manifest import AddedToken, Manifest, ManifestError  # noqa: E402
-from .vocab import RowMap, fingerprint, vocab_of  # noqa: E402
-from .graft import TokenSpec, graft, parse_tokens  # noqa: E402  (torch only; transformers loads lazily)
+This ``__init__`` imports nothing heavy: ``import tokengraft.manifest`` (or ``vocab``, ``init``) must
+not load transformers or the checkpoint converters (torch is fine). Entry points load on first use.
+"""
+from ._version import __version__  # noqa: F401
+# `tokengraft.graft` is both a module and its main function: bind the function eagerly, or the submodule
+# (set on the package by any `from .graft import ...`) would shadow it. graft.py needs torch only.
+from .graft import TokenSpec, graft, parse_tokens  # noqa: E402,F401
+
+_LAZY = {  # public name -> module that defines it
+    "AddedToken": "manifest", "Manifest": "manifest", "ManifestError": "manifest",
+    "RowMap": "vocab", "fingerprint": "vocab", "vocab_of": "vocab",
+    "load_checkpoint": "checkpoint", "remap_state_dict": "checkpoint", "read_state_dict": "checkpoint",
+    "export": "export", "verify": "export",
+    "load_run": "train.run",
+    "TokengraftError": "errors",
+}
 
 
-def __getattr__(name):  # heavy (transformers-dependent) entry points load on first use
+def __getattr__(name):
     import importlib
 
-    if name in ("load_checkpoint", "remap_state_dict", "read_state_dict"):
-        return getattr(importlib.import_module(".checkpoint", __name__), name)
-    if name in ("export", "verify"):
-        return getattr(importlib.import_module(".export", __name__), name)
-    if name == "load_run":
-        return importlib.import_module(".train.run", __name__).load_run
-    raise AttributeError(name)
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tokengraft' has no attribute {name!r}")
+    mod = importlib.import_module(f".{_LAZY[name]}", __name__)
+    return getattr(mod, name)
 
 
-__all__ = ["AddedToken", "Manifest", "ManifestError", "RowMap", "fingerprint", "vocab_of",
-           "graft", "TokenSpec", "parse_tokens", "load_checkpoint", "remap_state_dict",
-           "read_state_dict", "export", "verify", "load_run"]
+__all__ = sorted([*_LAZY, "TokenSpec", "graft", "parse_tokens"])

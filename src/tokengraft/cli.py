@@ -20,7 +20,7 @@ COMMANDS = {  # subcommand -> module under tokengraft.commands
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's module is imported (some pull in
     transformers/trainers, seconds of start-up that `tokengraft convert` should not pay)."""
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(
         prog="tokengraft",
@@ -51,20 +51,25 @@ def main(argv=None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from .errors import TokengraftError
+
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("tokengraft: interrupted; nothing was written", file=sys.stderr)
+        print(f"tokengraft {args.command}: interrupted; no output folder was put in place "
+              f"(a training run keeps the checkpoints it already wrote)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:  # expected: one line, exit 2
-        if isinstance(e, RuntimeError) and not _ours(e):
-            raise
-        print(f"tokengraft {args.command}: error: {e}", file=sys.stderr)
+    except TokengraftError as e:  # bad input (2) or a failed check (1): one line, never a traceback
+        print(f"tokengraft {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # read-only or full disk, permissions, a file where a folder should be
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"tokengraft {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 
-def _ours(e: BaseException) -> bool:
-    return type(e).__module__.startswith("tokengraft")
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 
 from .manifest import FILENAME as MANIFEST_FILE
 from .manifest import Manifest, ManifestError
+from .errors import TokengraftError
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -46,7 +47,7 @@ SEMANTIC_INITS = {"subword", "describe", "copy"}  # inits that take base rows' v
 KL_WARN = 1e-3  # nats/token on prose without the new tokens: above this the new rows are visible
 
 
-class DoctorError(ValueError):
+class DoctorError(TokengraftError):
     """The path cannot be examined at all (not a folder)."""
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .graft import is_tied, rows_of, sync_config
+from .hf import is_tied, rows_of, sync_config
 from .io import atomic_folder, is_llava
 from .manifest import Manifest
 from .vocab import fingerprint, vocab_of
+from .errors import TokengraftError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATOL = 1e-5  # max abs logit difference allowed between the reloaded and the in-memory model (fp32 compute)
@@ -35,7 +36,7 @@ GEN_TOKENS = 8  # greedy tokens compared per probe
 MAX_PROBE_TOKENS = 48  # new tokens spelled out in the probe text (all of them are checked for single ids)
 
 
-class ExportError(ValueError):
+class ExportError(TokengraftError):
     """A bad input or a failed check: the message says what, where and what to do."""
 
 

@@ -14,14 +14,16 @@ from pathlib import Path
 import torch
 
 from . import init as I
+from .hf import image_token_id, is_tied, rows_of, sync_config
 from .manifest import ROLES, AddedToken, Manifest
 from .vocab import fingerprint, vocab_of
+from .errors import TokengraftError
 
 logger = logging.getLogger("tokengraft")
 KL_BUDGET = 5e-7  # nats per position the new rows may cost on real text (tied `auto`: spent on semantics)
 
 
-class GraftError(ValueError):
+class GraftError(TokengraftError):
     pass
 
 
@@ -96,35 +98,6 @@ def _read_tokens_file(path: str) -> list:
     if not isinstance(data, list):
         raise GraftError(f"{p}: expected a list of tokens (or a mapping with key 'tokens')")
     return data
-
-
-# -- model helpers ----------------------------------------------------------------------------
-
-def is_tied(model) -> bool:
-    out = model.get_output_embeddings()
-    return out is not None and out.weight is model.get_input_embeddings().weight
-
-
-def rows_of(model) -> int:
-    return model.get_input_embeddings().weight.shape[0]
-
-
-def sync_config(model, rows: int, tied: bool) -> None:
-    """Every vocab_size field equals the rows; every tie flag equals reality."""
-    cfg = model.config
-    for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
-        if "vocab_size" in c.to_dict() or hasattr(c, "vocab_size"):
-            c.vocab_size = rows
-        c.tie_word_embeddings = tied
-
-
-def image_token_id(model) -> int | None:
-    cfg = model.config
-    for name in ("image_token_id", "image_token_index"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int):
-            return v
-    return None
 
 
 # -- graft ------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 
 from .manifest import Manifest
+from .errors import TokengraftError
 
 
-class FolderError(ValueError):
+class FolderError(TokengraftError):
     pass
 
 

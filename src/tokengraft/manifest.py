@@ -9,13 +9,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from .errors import TokengraftError
 
 SCHEMA_VERSION = 1
 FILENAME = "tokengraft.json"
 ROLES = ("generate", "input")
 
 
-class ManifestError(ValueError):
+class ManifestError(TokengraftError):
     pass
 
 
@@ -51,7 +52,7 @@ class Manifest:
         return [t.content for t in self.tokens]
 
     def record(self, op: str, **details) -> None:
-        from . import __version__
+        from ._version import __version__
 
         self.history.append({"op": op, "tool": f"tokengraft {__version__}",
                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details})

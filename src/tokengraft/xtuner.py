@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from .errors import TokengraftError
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -34,7 +35,7 @@ XTUNER_FEATURE_LAYER = -2  # XTuner's LLaVAModel: visual_select_layer=-2, featur
 PREFIXES = ("llm.", "projector.", "visual_encoder.")
 
 
-class XTunerError(ValueError):
+class XTunerError(TokengraftError):
     """A bad or unsupported XTuner artifact: says what, where, and what to do."""
 
 
@@ -243,7 +244,8 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
     from .export import DTYPES
-    from .graft import graft, is_tied, parse_tokens, rows_of
+    from .graft import graft, parse_tokens
+    from .hf import is_tied, rows_of
     from .io import atomic_folder
 
     if dtype not in DTYPES:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..hf import config_rows, set_config_rows
 from ..io import atomic_folder
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
@@ -69,38 +70,8 @@ def load_target(target, source_vocab_hint=None) -> Target:
     if (p / "config.json").is_file():
         config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     manifest = Manifest.find(p)
-    rows = _config_rows(config) or (manifest.rows if manifest else None)
+    rows = config_rows(config) or (manifest.rows if manifest else None)
     return Target(p, vocab_of(tok), rows, tok, manifest, config)
-
-
-def _config_rows(config: dict | None) -> int | None:
-    if not config:
-        return None
-    text = config.get("text_config") or {}
-    return text.get("vocab_size") or config.get("vocab_size")
-
-
-TOKEN_ID_KEYS = ("image_token_index", "image_token_id", "video_token_index", "video_token_id",
-                 "pad_token_id", "bos_token_id", "eos_token_id")
-
-
-def _set_config_rows(config: dict, rows: int, target: dict | None = None) -> dict:
-    """Every vocab_size equals the rows; token ids (image token, pad/bos/eos) are the target's,
-    since they are ids in the target's vocabulary."""
-    config = dict(config)
-    target = target or {}
-    if "vocab_size" in config:
-        config["vocab_size"] = rows
-    for k in TOKEN_ID_KEYS:
-        if k in target:
-            config[k] = target[k]
-    if isinstance(config.get("text_config"), dict):
-        text = {**config["text_config"], "vocab_size": rows}
-        for k in TOKEN_ID_KEYS:
-            if k in (target.get("text_config") or {}):
-                text[k] = target["text_config"][k]
-        config["text_config"] = text
-    return config
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
@@ -378,7 +349,7 @@ def _write_metadata(info, tgt: Target, tmp: Path, rows: int, report: RemapReport
                 shutil.copy2(p, tmp / p.name)
     if (tmp / "config.json").is_file():
         cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-        (tmp / "config.json").write_text(json.dumps(_set_config_rows(cfg, rows, tgt.config), indent=2) + "\n",
+        (tmp / "config.json").write_text(json.dumps(set_config_rows(cfg, rows, tgt.config), indent=2) + "\n",
                                          encoding="utf-8")
     # the target's tokenizer files, and its generation config (its token ids are the target's)
     if tgt.built:

@@ -22,9 +22,10 @@ import torch
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
 from .safe_pickle import UnsafeCheckpointError, placeholders_in, safe_load
+from ..errors import TokengraftError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TokengraftError):
     """A checkpoint that cannot be read as it is: says what is wrong, where, and what to do."""
 
 

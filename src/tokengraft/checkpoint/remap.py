@@ -17,6 +17,7 @@ import torch
 
 from .. import init as I
 from ..vocab import NEW, RowMap
+from ..errors import TokengraftError
 
 INPUT_NAMES = ("embed_tokens", "tok_embeddings", "wte", "word_embeddings")
 OUTPUT_NAMES = ("lm_head", "output", "embed_out")
@@ -25,7 +26,7 @@ NOT_VOCAB_LORA = ("lora_A", "lora_embedding_B")  # LoRA factors whose shape has 
 INIT_CHOICES = ("auto", "mean", "hewitt", "subword", "zero")
 
 
-class RemapError(ValueError):
+class RemapError(TokengraftError):
     pass
 
 

@@ -21,9 +21,10 @@ import zipfile
 from pathlib import Path
 
 import torch
+from ..errors import TokengraftError
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(TokengraftError):
     """The file cannot be read without executing code from it (or is not a torch file)."""
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from ..manifest import Manifest
 from ..vocab import fingerprint, vocab_of
+from ..errors import TokengraftError
 
 
-class SourceVocabError(ValueError):
+class SourceVocabError(TokengraftError):
     pass
 
 

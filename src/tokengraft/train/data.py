@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ..errors import TokengraftError
 
 IGNORE = -100
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE = "<image>"
 
 
-class DataError(ValueError):
+class DataError(TokengraftError):
     pass
 
 

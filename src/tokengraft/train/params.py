@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import TokengraftError
 
 MODES = ("rows", "lora", "full")
 ATTR = "tokengraft_rows"  # the submodule name the deltas live under
 LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class ParamsError(ValueError):
+class ParamsError(TokengraftError):
     pass
 
 

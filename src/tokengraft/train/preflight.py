@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import IMAGE, encode, images_of, renderer
+from ..errors import TokengraftError
 
 # What people write when they mean one token: <box>, </ref>, <loc_12>, <|tool|>, [IMG], [/INST]
 LOOKS_SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?[A-Za-z_][A-Za-z0-9_:.\-]{0,39}>|\[/?[A-Z][A-Z0-9_]{1,39}\]")
 
 
-class PreflightError(ValueError):
+class PreflightError(TokengraftError):
     pass
 
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..manifest import Manifest
 from ..vocab import RowMap, fingerprint, vocab_of
+from ..errors import TokengraftError
 
 RUN_FILE = "run.json"
 ROWS_FILE = "new_rows.safetensors"
@@ -39,7 +40,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 RUN_SCHEMA = 1
 
 
-class RunError(ValueError):
+class RunError(TokengraftError):
     pass
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..graft import graft, image_token_id as image_token_id_of, parse_tokens
+from ..graft import graft, parse_tokens
+from ..hf import image_token_id as image_token_id_of
 from ..io import load_folder
 from ..vocab import fingerprint, vocab_of
 from .data import Collator, LlavaDataset, image_token_count, load_records, renderer
@@ -22,9 +23,10 @@ from .metrics import MetricsWriter, generation_eval, plot, row_norms, summarize,
 from .params import MODES, param_groups, prepare
 from .preflight import PreflightError, preflight, tokens_from_data
 from .run import RunInfo, checkpoints, resume_parts, save_parts
+from ..errors import TokengraftError
 
 
-class TrainError(ValueError):
+class TrainError(TokengraftError):
     pass
 
 
