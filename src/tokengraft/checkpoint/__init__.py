@@ -7,15 +7,16 @@ Everything here needs torch and safetensors only (transformers is imported on de
 tokenizers without a ``tokenizer.json``).
 """
 from .convert import convert
-from .readers import (Checkpoint, CheckpointError, CheckpointInfo, open_checkpoint, read_state_dict,
-                      safetensors_header)
+from .errors import CheckpointError, RemapError
+from .readers import Checkpoint, CheckpointInfo, open_checkpoint, read_state_dict
 from .load import load_checkpoint
 from .optim import remap_optimizer_state
-from .remap import RemapError, RemapReport, classify, remap_state_dict
+from .remap import RemapReport, classify, remap_state_dict
+from .safetensors import SafetensorsFile
 from .safe_pickle import Placeholder, UnsafeCheckpointError, safe_load
 from .sources import SourceVocabError
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "Placeholder", "UnsafeCheckpointError",
-           "open_checkpoint", "read_state_dict", "safe_load", "safetensors_header", "remap_state_dict",
+           "open_checkpoint", "read_state_dict", "safe_load", "SafetensorsFile", "remap_state_dict",
            "load_checkpoint", "remap_optimizer_state", "RemapReport", "RemapError", "SourceVocabError",
            "classify", "convert"]

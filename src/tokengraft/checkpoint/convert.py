@@ -25,12 +25,13 @@ from ..io import atomic_folder
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
 from ..vocab import fingerprint
-from .readers import Checkpoint, CheckpointError, open_checkpoint, safetensors_header
+from .readers import Checkpoint, CheckpointError, open_checkpoint
 from .optim import remap_optimizer_state
 from .remap import (RemapError, RemapReport, _is_tied, build_row_map, check_explained, classify, infer_rows,
                     remap_state_dict, remap_tensor)
 from .sources import SourceVocabError, resolve_source_vocab
-from .stream import SafetensorsRows, streamable, write_remapped
+from .safetensors import SafetensorsFile
+from .stream import FileRows, streamable, write_remapped
 from .stwriter import DTYPE_NAMES, Entry, copy_entry, tensor_entry, write_safetensors
 
 TOKENIZER_OUT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -191,7 +192,6 @@ class _LazyRemap:
         self.ck, self.rm, self.report, self.kw = ck, rm, report, kw
         self.vts = {k: v for k, v in found.items() if v is not None}
         self.gen = torch.Generator().manual_seed(0)
-        self._headers: dict = {}
 
     def __contains__(self, k):
         return k in self.vts
@@ -212,17 +212,8 @@ class _LazyRemap:
         if not streamable(vt, self.ck.shape(k)):
             tensor_entry(k, self[k]).write(fh)
             return
-        path = self.ck.info.root / self.ck.file_of(k)
-        if path not in self._headers:
-            with open(path, "rb") as f:
-                start = 8 + int.from_bytes(f.read(8), "little")
-            self._headers[path] = (safetensors_header(path), start)
-        header, start = self._headers[path]
-        src = SafetensorsRows(path, header, start, k)
-        try:
-            write_remapped(fh, src, vt, self.rm, self.report, gen=self.gen, **self.kw)
-        finally:
-            src.close()
+        with SafetensorsFile(self.ck.info.root / self.ck.file_of(k)) as st:
+            write_remapped(fh, FileRows(st, k), vt, self.rm, self.report, gen=self.gen, **self.kw)
 
 
 class _ShapeOnly:
@@ -242,12 +233,10 @@ def _write_same_layout(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport
             report.notes.append(f"{f}: {_link_or_copy(info.root / f, dst)} (no vocabulary tensor)")
             continue
         if f.endswith(".safetensors"):
-            header = safetensors_header(info.root / f)
-            start = 8 + int.from_bytes(open(info.root / f, "rb").read(8), "little")
-            order = sorted(keys, key=lambda k: header[k]["data_offsets"][0])
-            entries = [_new_entry(k, new, ck) if k in new else copy_entry(k, info.root / f, header, start)
-                       for k in order]
-            write_safetensors(dst, entries, header.get("__metadata__"))
+            with SafetensorsFile(info.root / f) as st:
+                order = sorted(keys, key=lambda k: st.span(k)[0])
+                entries = [_new_entry(k, new, ck) if k in new else copy_entry(k, st) for k in order]
+                write_safetensors(dst, entries, st.metadata)
         else:  # a .bin shard: same format out (plain tensors only, loadable with weights_only=True)
             sd = ck.read_file(f)
             torch.save({k: (new[k] if k in new else v).clone() for k, v in sd.items()}, dst)

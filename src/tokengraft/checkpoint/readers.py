@@ -13,7 +13,6 @@ No code from any file runs: safetensors, or :func:`safe_pickle.safe_load`.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,22 +20,12 @@ import torch
 
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
+from .errors import CheckpointError
 from .safe_pickle import UnsafeCheckpointError, placeholders_in, safe_load
-from ..errors import TokengraftError
+from .safetensors import SafetensorsFile
 
 
-class CheckpointError(TokengraftError):
-    """A checkpoint that cannot be read as it is: says what is wrong, where, and what to do."""
-
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tekken.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass
@@ -56,41 +45,6 @@ class CheckpointInfo:
     state_key: str | None = None  # where the state dict sits in ``container``
     inert: list[str] = field(default_factory=list)  # globals turned into placeholders while reading
     notes: list[str] = field(default_factory=list)
-
-
-# -- safetensors ----------------------------------------------------------------------------------
-
-def safetensors_header(path: Path) -> dict:
-    """Parse and validate a safetensors header; a short or corrupt file raises CheckpointError."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); "
-                                      f"re-download or re-save it")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100 * 2**20):
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, "
-                                      f"file has {size}); re-download or re-save it")
-            header = json.loads(fh.read(n))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); re-download or re-save it") from None
-    end = 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        if not isinstance(v, dict) or "data_offsets" not in v or "dtype" not in v:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry {k!r}")
-        if SAFETENSORS_DTYPES.get(v["dtype"]) is None:
-            raise CheckpointError(f"{path}: tensor {k!r} has dtype {v['dtype']}, which tokengraft does not read")
-        end = max(end, v["data_offsets"][1])
-    if 8 + n + end != size:
-        raise CheckpointError(f"{path}: truncated or corrupt safetensors file: header describes {8 + n + end} bytes, "
-                              f"file has {size}; re-download or re-save it")
-    return header
 
 
 # -- the lazy checkpoint ---------------------------------------------------------------------------
@@ -119,24 +73,16 @@ class Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         if self._eager is not None:
             return self._eager[key]
-        from safetensors import safe_open
-
-        path = self.info.root / self.file_of(key)
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key)
+        with SafetensorsFile(self.info.root / self.file_of(key)) as f:
+            return f.get(key)
 
     def read_file(self, file: str) -> dict[str, torch.Tensor]:
         """Every tensor of one file (one shard)."""
         keys = self.info.files[file]
         if self._eager is not None:
             return {k: self._eager[k] for k in keys}
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.info.root / file), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in keys}
-        except Exception as e:  # SafetensorError is not importable under one stable name
-            raise CheckpointError(f"{self.info.root / file}: cannot read tensors ({e})") from None
+        with SafetensorsFile(self.info.root / file) as f:
+            return {k: f.get(k) for k in keys}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -231,12 +177,12 @@ def _open_files(info: CheckpointInfo, files: list[str]) -> Checkpoint:
     meta: dict = {}
     if all(f.endswith(".safetensors") for f in files):
         for f in files:
-            header = safetensors_header(info.root / f)
-            keys = [k for k in header if k != "__metadata__"]
-            for k in keys:
-                if k in meta:
-                    raise CheckpointError(f"{info.root}: key {k!r} is in both {meta[k][2]} and {f}")
-                meta[k] = (tuple(header[k]["shape"]), SAFETENSORS_DTYPES[header[k]["dtype"]], f)
+            with SafetensorsFile(info.root / f) as st:  # validates the header against the file
+                keys = st.keys()
+                for k in keys:
+                    if k in meta:
+                        raise CheckpointError(f"{info.root}: key {k!r} is in both {meta[k][2]} and {f}")
+                    meta[k] = (st.shape(k), st.dtype(k), f)
             info.files[f] = keys
         return Checkpoint(info, meta)
     eager: dict = {}
@@ -336,4 +282,4 @@ def _consolidate_zero(folder: Path, info: CheckpointInfo, shards) -> Checkpoint:
 
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "UnsafeCheckpointError", "open_checkpoint",
-           "read_state_dict", "safe_load", "safetensors_header"]
+           "read_state_dict", "safe_load"]

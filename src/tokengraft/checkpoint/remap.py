@@ -17,17 +17,13 @@ import torch
 
 from .. import init as I
 from ..vocab import NEW, RowMap
-from ..errors import TokengraftError
+from .errors import RemapError
 
 INPUT_NAMES = ("embed_tokens", "tok_embeddings", "wte", "word_embeddings")
 OUTPUT_NAMES = ("lm_head", "output", "embed_out")
 WRAPPERS = ("base_layer", "original_module", "modules_to_save")  # PEFT wrappers around the real weight
 NOT_VOCAB_LORA = ("lora_A", "lora_embedding_B")  # LoRA factors whose shape has no vocabulary dimension
 INIT_CHOICES = ("auto", "mean", "hewitt", "subword", "zero")
-
-
-class RemapError(TokengraftError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -7,61 +7,29 @@ is the first (embeddings, heads, LoRA B) stream; others go through the in-memory
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
 from ..vocab import NEW, RowMap
-from .readers import SAFETENSORS_DTYPES
 from .remap import CHUNK_ROWS, Rows, VocabTensor, chunked_stats, new_rows, record
+from .safetensors import SafetensorsFile
 
 OUT_CHUNK_BYTES = 32 * 2**20
 
 
-class SafetensorsRows(Rows):
+class FileRows(Rows):
     """Rows of one tensor in a safetensors file, read on demand (never mapped, never all at once)."""
 
-    def __init__(self, path: Path, header: dict, data_start: int, key: str):
-        h = header[key]
-        self.path, self.key = Path(path), key
-        self.shape = tuple(h["shape"])
-        self.dtype = SAFETENSORS_DTYPES[h["dtype"]]
-        self.row_elems = 1
-        for d in self.shape[1:]:
-            self.row_elems *= d
-        self.row_bytes = self.row_elems * torch.empty((), dtype=self.dtype).element_size()
-        self.base = data_start + h["data_offsets"][0]
-        self.fd = os.open(self.path, os.O_RDONLY)
-
-    def close(self):
-        os.close(self.fd)
+    def __init__(self, st: SafetensorsFile, key: str):
+        self.st, self.key = st, key
+        self.shape = st.shape(key)
+        self.dtype = st.dtype(key)
+        self.row_bytes = st.nbytes(key) // max(1, self.shape[0])
 
     def read(self, a: int, b: int) -> torch.Tensor:
-        """Rows ``[a, b)``."""
-        n = (b - a) * self.row_bytes
-        buf = torch.empty(n, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < n:
-            got = os.preadv(self.fd, [view[done:]], self.base + a * self.row_bytes + done)
-            if got <= 0:
-                raise ValueError(f"{self.path}: ended early while reading {self.key!r}; the file is truncated")
-            done += got
-        return buf.view(self.dtype).reshape(b - a, *self.shape[1:])
+        return self.st.rows(self.key, a, b)
 
     def take(self, rows: list[int]) -> torch.Tensor:
-        """Rows in the given order, read as runs of consecutive rows."""
-        parts, i = [], 0
-        while i < len(rows):
-            j = i + 1
-            while j < len(rows) and rows[j] == rows[j - 1] + 1:
-                j += 1
-            parts.append(self.read(rows[i], rows[j - 1] + 1))
-            i = j
-        if not parts:
-            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.st.take(self.key, rows)
 
     def stats(self, base_rows: int):
         return chunked_stats(self.read, self.take, self.shape[0], base_rows)
@@ -74,7 +42,7 @@ def streamable(vt: VocabTensor, shape) -> bool:
     return vt.dim == 0 and len(shape) >= 2 and vt.kind in ("weight", "lora_B")
 
 
-def write_remapped(fh, src: SafetensorsRows, vt: VocabTensor, rm: RowMap, report, *, init="auto", tied=False,
+def write_remapped(fh, src: FileRows, vt: VocabTensor, rm: RowMap, report, *, init="auto", tied=False,
                    tokenizer=None, base_rows=None, gen=None) -> int:
     """Write the remapped tensor's bytes to ``fh`` in row chunks; returns the bytes written."""
     base_rows = rm.source_rows if base_rows is None else base_rows

@@ -15,9 +15,7 @@ from typing import Callable
 
 import torch
 
-from .readers import SAFETENSORS_DTYPES
-
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items() if v is not None}
+from .safetensors import DTYPE_NAMES, SafetensorsFile
 CHUNK = 16 * 2**20
 
 
@@ -42,15 +40,15 @@ def tensor_entry(key: str, t: torch.Tensor) -> Entry:
     return Entry(key, DTYPE_NAMES[t.dtype], tuple(t.shape), nbytes, write)
 
 
-def copy_entry(key: str, src: Path, header: dict, data_start: int) -> Entry:
-    """An entry copied byte for byte from a source safetensors file (never decoded)."""
-    h = header[key]
-    begin, end = h["data_offsets"]
+def copy_entry(key: str, st: SafetensorsFile) -> Entry:
+    """An entry copied byte for byte from an (already validated) source safetensors file, never decoded."""
+    start, end = st.span(key)
+    src = st.path
 
     def write(fh):
         with open(src, "rb") as s:
-            copy_range(s, fh, data_start + begin, end - begin, what=f"{src} ({key!r})")
-    return Entry(key, h["dtype"], tuple(h["shape"]), end - begin, write)
+            copy_range(s, fh, start, end - start, what=f"{src} ({key!r})")
+    return Entry(key, st.dtype_name(key), st.shape(key), end - start, write)
 
 
 def copy_range(src, dst, offset: int, count: int, what: str) -> None:
