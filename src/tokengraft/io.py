@@ -1,38 +1,94 @@
 """Load and save Hugging Face checkpoint folders (causal LM or LLaVA) with their manifest.
 
-Every write goes to a temporary sibling folder that is renamed into place at the end, so an
-interrupted run leaves nothing half-written and never touches the input.
+The one output-folder rule lives here (``check_output`` / ``atomic_folder``), used by every command:
+the output may not be, contain, or sit inside any input; ``--overwrite`` only ever replaces a folder
+tokengraft wrote; every write goes to a temporary sibling that is renamed into place at the end, so
+an interrupted run (Ctrl-C or SIGTERM) leaves nothing half-written and never touches the input, and
+temporaries a killed run left behind are swept by the next run for the same output.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
-from .manifest import Manifest
 from .errors import TokengraftError
+from .manifest import Manifest
+
+# files whose presence says "tokengraft wrote this folder": the manifest, a training run's run.json
+# (train/run.py RUN_FILE), the demo's marker
+MARKERS = ("tokengraft.json", "run.json", ".tokengraft-demo")
 
 
 class FolderError(TokengraftError):
     pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every cleanup path that handles an interruption runs."""
+
+
 def read_config(path) -> dict:
     p = Path(path) / "config.json"
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        cfg = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FolderError(f"{path}: no config.json; expected a Hugging Face model folder "
                           f"(save one with model.save_pretrained(DIR))") from None
     except json.JSONDecodeError as e:
         raise FolderError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise FolderError(f"{p}: not UTF-8 text; expected a JSON config") from None
+    if not isinstance(cfg, dict):
+        raise FolderError(f"{p}: expected a JSON object (model_type, vocab_size, ...), "
+                          f"found {type(cfg).__name__}")
+    return cfg
 
 
 def is_llava(config: dict) -> bool:
     return "vision_config" in config and "text_config" in config
+
+
+# ---------------------------------------------------------------------------------------------
+# no remote code: a folder that needs its own Python files is refused before transformers sees it
+# (transformers would otherwise offer "run the custom code? [y/N]" on a terminal)
+
+def _known_model_type(model_type) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def refuse_remote_code(folder, cfg: dict | None = None) -> None:
+    """FolderError when loading ``folder`` would need code from the folder itself (``auto_map`` with
+    a model_type transformers does not know). Nothing of the folder is imported or executed."""
+    folder = Path(folder)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        return
+    cfg = read_config(folder) if cfg is None else cfg
+    mt = cfg.get("model_type")
+    if "auto_map" in cfg and not _known_model_type(mt):
+        if mt == "internlm2":
+            raise FolderError(f"{folder}: an InternLM2 model that ships its own Python code (auto_map); "
+                              f"tokengraft never runs a folder's code and InternLM2 support is not "
+                              f"built in yet")
+        raise FolderError(f"{folder}: config.json has auto_map and model_type {mt!r}, which this "
+                          f"transformers does not know; loading it would run the folder's own Python "
+                          f"code, which tokengraft never does (convert it to a built-in architecture)")
+
+
+def _remote_code_guard(folder, e: ValueError) -> None:
+    """transformers refuses (with trust_remote_code=False) a tokenizer/processor that only exists as
+    the folder's code: say so in one line instead of a traceback."""
+    if "trust_remote_code" in str(e) or "custom code" in str(e):
+        raise FolderError(f"{folder}: its tokenizer or processor exists only as the folder's own Python "
+                          f"code (auto_map), which tokengraft never runs") from None
 
 
 def load_folder(path, dtype=None):
@@ -42,46 +98,174 @@ def load_folder(path, dtype=None):
 
     path = Path(path)
     cfg = read_config(path)
+    refuse_remote_code(path, cfg)
+    manifest = Manifest.find(path)  # a broken manifest is an error before the slow load
     dtype = dtype or torch.float32
     processor = None
-    if is_llava(cfg):
-        from transformers import AutoModelForImageTextToText
+    try:
+        if is_llava(cfg):
+            from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(path)
-        tokenizer = processor.tokenizer
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, processor, Manifest.find(path)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+            tokenizer = processor.tokenizer
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except ValueError as e:
+        _remote_code_guard(path, e)
+        raise
+    return model, tokenizer, processor, manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# the output-folder rule
+
+def written_by_tokengraft(folder) -> bool:
+    """True when ``folder`` carries a tokengraft manifest, a training run's run.json or the demo
+    marker: the only folders --overwrite may replace."""
+    f = Path(folder)
+    return f.is_dir() and any((f / m).is_file() for m in MARKERS)
+
+
+def _relation(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if out in inp.parents:
+        return "contains"
+    if inp in out.parents:
+        return "is inside"
+    return None
+
+
+def check_output(out, inputs: dict | None = None, overwrite: bool = False) -> Path:
+    """Refuse (FolderError, one line) an output that is, contains or is inside any input (after
+    resolving symlinks), a path that exists and is not a folder, an existing folder without
+    --overwrite, or --overwrite of a folder tokengraft did not write. An empty folder counts as free.
+    ``inputs``: {"what": path or None}, e.g. {"MODEL_DIR": args.model_dir}."""
+    out = Path(out)
+    real = out.resolve()
+    for what, p in (inputs or {}).items():
+        if p is None or p == "":
+            continue
+        rel = _relation(real, Path(p).resolve())
+        if rel:
+            raise FolderError(f"{out}: the output {rel} the {what} {p}; choose an output folder outside "
+                              f"every input (inputs are never modified)")
+    if os.path.lexists(out) and not out.is_dir():
+        raise FolderError(f"{out}: exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FolderError(f"{out}: already exists; pass --overwrite (only folders tokengraft wrote "
+                              f"are replaced) or choose another output folder")
+        if not written_by_tokengraft(out):
+            raise FolderError(f"{out}: not written by tokengraft (no {MARKERS[0]} or {MARKERS[1]}); "
+                              f"--overwrite never replaces such a folder: remove it yourself or choose "
+                              f"another output folder")
+    return out
+
+
+_TEMP = re.compile(r"\.(tmp|old)-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(out) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings of ``out`` whose process is gone
+    (a run killed with SIGKILL, or a crash): they can hold hundreds of MB nobody will use."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
+        for p in out.parent.glob(glob_escape(prefix) + "*"):
+            m = _TEMP.match(p.name[len(out.name) + 1:])
+            if m and not _alive(int(m.group(2))) and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_modes(tmp: Path) -> None:
+    """mkdtemp makes 0700; give the output what save_pretrained would (the umask's modes). Files
+    with other links are left alone: a hard-linked shard is the input's own file."""
+    mask = _umask()
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.lstat(p)
+            if st.st_nlink == 1 and not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
 
 
 @contextlib.contextmanager
-def atomic_folder(out, overwrite: bool = False):
-    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error it vanishes."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FolderError(f"{out}: already exists; choose another output folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def _sigterm_raises():
+    """While writing, SIGTERM raises (like Ctrl-C) so the temporary folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
     try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def atomic_folder(out, overwrite: bool = False, inputs: dict | None = None):
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error, Ctrl-C or
+    SIGTERM it vanishes. ``check_output`` is applied first (``inputs``: see there)."""
+    out = check_output(out, inputs, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out)
+    with _sigterm_raises():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            yield tmp
+            _ordinary_modes(tmp)
+            if out.is_dir():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+                os.rename(out, old / "x")
+                try:
+                    os.rename(tmp, out)
+                except BaseException:
+                    os.rename(old / "x", out)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def save_folder(out, model, tokenizer, manifest: Manifest | None, processor=None, overwrite: bool = False,
-                max_shard_size="5GB") -> Path:
+                max_shard_size="5GB", inputs: dict | None = None) -> Path:
     """Write model (safetensors), tokenizer, processor, generation config and manifest atomically."""
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(tmp)
