@@ -55,10 +55,13 @@ def main(argv=None) -> int:
 
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"tokengraft {args.command}: interrupted; no output folder was put in place "
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while an output folder is written (io.Terminated)
+        from .io import Terminated
+
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"tokengraft {args.command}: {what}; no output folder was put in place "
               f"(a training run keeps the checkpoints it already wrote)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except TokengraftError as e:  # bad input (2) or a failed check (1): one line, never a traceback
         print(f"tokengraft {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code

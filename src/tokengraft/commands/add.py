@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._common import add_init, add_output, add_overwrite, add_tokens, check_inputs
+
 
 def register(sub, name):
     p = sub.add_parser(
@@ -31,22 +33,21 @@ def register(sub, name):
                "  tokengraft add ./llava-box --tokens '<box>' -o ./again   # no-op: already grafted\n\n"
                "exit status: 0 on success, 2 on bad input (nothing written)")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config, weights, tokenizer)")
-    p.add_argument("--tokens", default=None, help="comma-separated tokens, e.g. '<box>,</box>'")
-    p.add_argument("--tokens-file", default=None, help="YAML/JSON list of tokens with options (see below)")
-    p.add_argument("--init", default=None, help="override every token's init: auto|mean|hewitt|subword|describe|copy:TOK")
+    add_tokens(p)
+    add_init(p)
     p.add_argument("--pad-to-multiple-of", type=int, default=64, metavar="N",
                    help="when rows must grow, round up to a multiple of N (default 64; 1 disables)")
     p.add_argument("--not-special", action="store_true",
                    help="add as normal (not special) tokens: kept by decode(skip_special_tokens=True)")
-    p.add_argument("-o", "--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_output(p)
+    add_overwrite(p)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return p
 
 
 def run(args) -> int:
     from ..graft import GraftError, graft, parse_tokens
-    from ..io import FolderError, load_folder, save_folder
+    from ..io import load_folder, save_folder
 
     if not args.tokens and not args.tokens_file:
         raise GraftError("no tokens given; pass --tokens '<a>,<b>' or --tokens-file FILE")
@@ -58,20 +59,17 @@ def run(args) -> int:
         for s in specs:
             s.init = args.init
         specs = parse_tokens(specs)
-    from pathlib import Path
-
-    if Path(args.out).resolve() == Path(args.model_dir).resolve():
-        raise FolderError(f"{args.out}: the output must differ from MODEL_DIR (inputs are never modified)")
-    if Path(args.out).exists() and not args.overwrite:  # refuse before the slow part
-        raise FolderError(f"{args.out}: already exists; choose another output folder or pass --overwrite")
+    inputs = {"MODEL_DIR": args.model_dir, "tokens file": args.tokens_file}
+    check_inputs(args.output, args.overwrite, inputs)  # before the slow part
     model, tok, processor, manifest = load_folder(args.model_dir)
     manifest = graft(model, tok, specs, pad_to_multiple_of=args.pad_to_multiple_of, manifest=manifest,
                      processor=processor)
-    save_folder(args.out, model, tok, manifest, processor=processor, overwrite=args.overwrite)
+    save_folder(args.output, model, tok, manifest, processor=processor, overwrite=args.overwrite,
+                inputs=inputs)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False))
     else:
-        print(f"wrote {args.out}  (rows {manifest.rows}, tied={manifest.tied})")
+        print(f"wrote {args.output}  (rows {manifest.rows}, tied={manifest.tied})")
         for t in manifest.tokens:
             print(f"  {t.id:>7}  {t.content:<20} special={t.special!s:<5} role={t.role:<8} init={t.init}")
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_output, add_overwrite, check_inputs
+
 DESCRIPTION = """\
 Convert CHECKPOINT to the vocabulary of TARGET and write the result to OUT.
 
@@ -52,7 +54,7 @@ def register(subparsers, name):
     p.add_argument("--to", dest="target", metavar="TARGET", required=True,
                    help="folder with the target tokenizer (and usually config.json and tokengraft.json), or a "
                         "tokengraft.json alone when CHECKPOINT's tokenizer is the manifest's base vocabulary")
-    p.add_argument("-o", "--output", dest="output", metavar="OUT", required=True, help="output folder")
+    add_output(p)
     p.add_argument("--source-tokenizer", metavar="DIR", help="folder with the tokenizer CHECKPOINT was trained with")
     p.add_argument("--source-tokens", metavar="'<a>,<b>'",
                    help="CHECKPOINT's vocabulary is TARGET's base plus these tokens, in id order")
@@ -61,7 +63,7 @@ def register(subparsers, name):
                         "input side, mean over trained rows on the output side and for tied heads)")
     p.add_argument("--safetensors", action="store_true",
                    help="write an HF folder's .bin shards as safetensors (same sharding; default: keep .bin)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_overwrite(p)
     return p
 
 
@@ -90,6 +92,8 @@ def run(args) -> int:
     from ..checkpoint.convert import convert
 
     _return_freed_memory()
+    check_inputs(args.output, args.overwrite, {"CHECKPOINT": args.checkpoint, "TARGET": args.target,
+                                               "--source-tokenizer": args.source_tokenizer})
 
     convert(args.checkpoint, args.target, args.output, source_tokenizer=args.source_tokenizer,
             source_tokens=args.source_tokens, init=args.init, overwrite=args.overwrite,

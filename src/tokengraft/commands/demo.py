@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+from ._common import add_output
 
 
 def register(sub, name):
@@ -21,7 +24,8 @@ def register(sub, name):
         epilog="outputs (under --out): llava/ llava-box/ data/ run/ (metrics.jsonl, curves PNG) export/\n"
                "predictions.png summary.json. An earlier demo folder is replaced; any other existing\n"
                "folder is refused.\n\nexample:\n  tokengraft demo --out demo-out --steps 200")
-    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    add_output(p, required=False, default="demo-out",
+               help="output folder; an earlier demo folder there is replaced, any other is refused")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     p.add_argument("--train-samples", type=int, default=256, help="training samples (default 256)")
     p.add_argument("--eval-samples", type=int, default=24, help="held-out samples (default 24)")
@@ -33,9 +37,14 @@ def register(sub, name):
 
 def run(args) -> int:
     from ..demo.run import run_demo
+    from ..errors import TokengraftError
+    from ..io import FolderError
+
+    if os.path.lexists(args.output) and not os.path.isdir(args.output):
+        raise FolderError(f"{args.output}: exists and is not a folder; choose another --output")
 
     if args.steps < 1 or args.bins < 2 or args.train_samples < 1 or args.eval_samples < 1:
-        raise ValueError("--steps, --train-samples and --eval-samples must be >= 1 and --bins >= 2")
-    run_demo(args.out, steps=args.steps, n_train=args.train_samples, n_eval=args.eval_samples, bins=args.bins,
+        raise TokengraftError("--steps, --train-samples and --eval-samples must be >= 1 and --bins >= 2")
+    run_demo(args.output, steps=args.steps, n_train=args.train_samples, n_eval=args.eval_samples, bins=args.bins,
              lr=args.lr, seed=args.seed)
     return 0

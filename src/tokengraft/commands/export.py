@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from ._common import add_dtype, add_max_shard_size, add_output, add_overwrite, check_inputs
 
 DESCRIPTION = """\
 Export SOURCE as one complete Hugging Face checkpoint in OUT: the base model, the new rows and any
@@ -53,19 +57,39 @@ def register(subparsers, name):
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", help="training run, checkpoint-N folder, or model folder (read only)")
-    p.add_argument("-o", "--output", dest="output", metavar="OUT", required=True, help="output folder")
+    add_output(p)
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter folder to merge (model-folder SOURCE only)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype (default fp32)")
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors file (default 5GB)")
+    add_dtype(p)
+    add_max_shard_size(p)
     p.add_argument("--verify", action="store_true",
                    help="reload OUT with plain transformers in a fresh process and compare (see above)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_overwrite(p)
     return p
+
+
+def run_bases(source) -> list[str]:
+    """The base model folders the run.json files of a run (or checkpoint-N) name: inputs too."""
+    p = Path(source)
+    bases = []
+    if not p.is_dir():
+        return bases
+    for f in [p / "run.json", *sorted(p.glob("checkpoint-*/run.json"))]:
+        try:
+            base = json.loads(f.read_text(encoding="utf-8")).get("base_model")
+        except (OSError, ValueError, AttributeError):
+            continue  # export itself reports an unreadable run.json
+        if isinstance(base, str) and base and base not in bases:
+            bases.append(base)
+    return bases
 
 
 def run(args) -> int:
     from ..export import VerifyError, export
 
+    inputs = {"SOURCE": args.source, "--adapter": args.adapter}
+    for i, b in enumerate(run_bases(args.source)):
+        inputs["base model (run.json)" + (f" #{i + 1}" if i else "")] = b
+    check_inputs(args.output, args.overwrite, inputs)
     try:
         export(args.source, args.output, adapter=args.adapter, dtype=args.dtype, max_shard_size=args.max_shard_size,
                overwrite=args.overwrite, verify_output=args.verify)

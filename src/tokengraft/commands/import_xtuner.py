@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_dtype, add_max_shard_size, add_output, add_overwrite, add_tokens, check_inputs
+
 DESCRIPTION = """\
 Build a transformers LlavaForConditionalGeneration folder (model, LlavaProcessor, tokenizer,
 tokengraft.json) from what an XTuner LLaVA run left behind, with your tokens added.
@@ -52,26 +54,30 @@ def register(subparsers, name):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", nargs="?",
                    help="iter_N.pth file, DeepSpeed folder, or split-export folder (read only)")
-    p.add_argument("-o", "--output", dest="output", metavar="OUT", required=True, help="output folder")
+    add_output(p)
     p.add_argument("--llm", metavar="DIR", help="LLM folder the run was built on (HF layout, with tokenizer)")
     p.add_argument("--visual-encoder", metavar="DIR", help="CLIP folder the run was built on")
     p.add_argument("--projector", metavar="DIR", help="XTuner projector/ folder (when not in SOURCE)")
     p.add_argument("--llm-adapter", metavar="DIR", help="XTuner llm_adapter/ (PEFT) folder, merged into --llm")
     p.add_argument("--visual-encoder-adapter", metavar="DIR", help="XTuner visual_encoder_adapter/ folder")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, if not the LLM folder's")
-    p.add_argument("--tokens", metavar="'<a>,<b>'", help="your tokens, comma-separated, in the order XTuner added them")
-    p.add_argument("--tokens-file", metavar="FILE", help="YAML/JSON tokens file (content, role, init, stop, ...)")
+    add_tokens(p)  # in the order XTuner added them
     p.add_argument("--lora-alpha", type=float, metavar="A", help="LLM LoRA alpha, if the checkpoint has no config")
     p.add_argument("--visual-lora-alpha", type=float, metavar="A", help="visual encoder LoRA alpha, likewise")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype (default fp32)")
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors file (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_dtype(p)
+    add_max_shard_size(p)
+    add_overwrite(p)
     return p
 
 
 def run(args) -> int:
     from ..xtuner import import_xtuner
 
+    check_inputs(args.output, args.overwrite, {
+        "SOURCE": args.source, "--llm": args.llm, "--visual-encoder": args.visual_encoder,
+        "--projector": args.projector, "--llm-adapter": args.llm_adapter,
+        "--visual-encoder-adapter": args.visual_encoder_adapter, "--tokenizer": args.tokenizer,
+        "tokens file": args.tokens_file})
     import_xtuner(args.source, args.output, llm=args.llm, visual_encoder=args.visual_encoder,
                   projector=args.projector, llm_adapter=args.llm_adapter,
                   visual_encoder_adapter=args.visual_encoder_adapter, tokens=args.tokens,
