@@ -33,7 +33,7 @@ def main(argv=None):
     from tokengraft import graft
     from tokengraft.init import markup_words
     from tokengraft.assets import smollm2_dir
-    from tokengraft.probe import head_inputs, heldout_text, kl_base_vs_grafted
+    from tokengraft.probe import head_inputs, heldout_text, kl_of_rows, mass_of
 
     d = smollm2_dir()
     base_tok = AutoTokenizer.from_pretrained(d)
@@ -94,7 +94,8 @@ def main(argv=None):
         m, ids = run()
         secs = time.perf_counter() - t0
         Wg = m.get_output_embeddings().weight.detach()
-        kl, mass = kl_base_vs_grafted(hidden, W, Wg)
+        per_pos = kl_of_rows(hidden, Wg, range(n, Wg.shape[0]))  # base rows are untouched: W == Wg[:n]
+        kl, mass = float(per_pos.mean()), mass_of(per_pos)
         sem = torch.nn.functional.cosine_similarity(m.get_input_embeddings().weight.detach()[ids], subword).mean()
         rows.append((name, kl, mass, float(sem), Wg.shape[0] - n, secs))
         print(f"{name:<45} KL {kl:9.2e}  max mass {mass:9.2e}  semantic {float(sem):5.2f}  rows +{Wg.shape[0] - n}")

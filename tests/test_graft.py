@@ -9,7 +9,7 @@ import torch
 from tokengraft import Manifest, ManifestError, fingerprint, graft, vocab_of
 from tokengraft.graft import GraftError, parse_tokens
 from tokengraft.hf import is_tied
-from tokengraft.probe import head_inputs, kl_base_vs_grafted, real_text
+from tokengraft.probe import head_inputs, kl_of_rows, mass_of, real_text
 
 BOX = "<box>,</box>,<ref>"
 LOCS = [f"<loc_{i}>" for i in range(40)]
@@ -52,7 +52,8 @@ def test_smollm2_graft_invariants_and_invisibility(smollm2, smol_hidden, tokens)
     assert man.rows == 49216 and man.tied and man.base_size == 49152
     check_invariants(model, tok, man)
     assert torch.equal(model.lm_head.weight[:49152], base_head)        # base rows untouched
-    kl, mass = kl_base_vs_grafted(hidden, base_head, model.lm_head.weight.detach())
+    per_pos = kl_of_rows(hidden, model.lm_head.weight, range(49152, man.rows))  # new + padding rows
+    kl, mass = float(per_pos.mean()), mass_of(per_pos)
     # tied `auto` spends at most its 5e-7 budget (measured on this same probe text), plus
     # float error; 40 mean rows alone cost ~7.6e-7 (1.9e-8 each), so the bound grows with n.
     assert kl <= max(5e-7, n * 2.2e-8) * 1.05, kl
@@ -262,3 +263,20 @@ def test_manifest_schema_versions(tmp_path):
     (tmp_path / "tokengraft.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         Manifest.load(tmp_path)
+
+
+def test_kl_of_rows_is_the_direct_kl():
+    """kl_of_rows (the closed form) equals KL computed from both softmaxes, bias included."""
+    from tokengraft.probe import kl_of_rows, mass_of
+
+    g = torch.Generator().manual_seed(0)
+    w, b, h = torch.randn(50, 8, generator=g), torch.randn(50, generator=g), torch.randn(30, 8, generator=g) * 2
+    new = [3, 17, 49]
+    keep = [i for i in range(50) if i not in new]
+    lp = torch.log_softmax(h @ w[keep].T + b[keep], -1)
+    lq = torch.log_softmax(h @ w.T + b, -1)
+    direct = (lp.exp() * (lp - lq[:, keep])).sum(-1)
+    got = kl_of_rows(h, w, new, b, chunk=7)  # chunk boundaries inside the positions
+    assert torch.allclose(got, direct, atol=1e-5, rtol=1e-4)
+    assert abs(mass_of(got) - float(lq[:, new].exp().sum(-1).max())) < 1e-5
+    assert float(kl_of_rows(h, w, []).abs().max()) == 0.0

@@ -66,8 +66,8 @@ def parse_tokens(tokens=None, tokens_file: str | None = None) -> list[TokenSpec]
         if spec.role not in ROLES:
             raise GraftError(f"token {spec.content!r}: role {spec.role!r} is not one of {ROLES}")
         method = spec.init.split(":", 1)[0]
-        if method not in I.METHODS:
-            raise GraftError(f"token {spec.content!r}: init {spec.init!r} is not one of {I.METHODS} (copy as copy:TOKEN)")
+        if method not in I.FOR_GRAFT:
+            raise GraftError(f"token {spec.content!r}: init {spec.init!r} is not one of {I.FOR_GRAFT} (copy as copy:TOKEN)")
         if method == "describe" and not spec.description:
             raise GraftError(f"token {spec.content!r}: init 'describe' needs a description in the tokens file")
         specs.append(spec)
@@ -302,6 +302,9 @@ class _Probe:
         return w[int(worst.argmin())].clone()
 
     def kl(self, rows: list[int]) -> float:
+        """Mean KL(base vocabulary || base vocabulary + ``rows``) on the probe text."""
+        from .probe import kl_of_rows
+
         if not rows:
             return 0.0
-        return float(I.kl_of_added(self.hidden, self.lse, self.out_w[rows].float()).mean())
+        return float(kl_of_rows(self.hidden, self.out_w, rows, base_lse=self.lse).mean())

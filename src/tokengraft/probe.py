@@ -50,30 +50,57 @@ def head_inputs(model, tokenizer, texts: list[str], max_tokens: int = 1024) -> t
     return torch.cat([g.reshape(-1, g.shape[-1]) for g in grabbed]).float().cpu()
 
 
-def log_softmax_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    z = hidden.float() @ weight.float().T
-    if bias is not None:
-        z = z + bias.float()
-    return torch.log_softmax(z, dim=-1)
+def kl_of_rows(hidden: torch.Tensor, weight: torch.Tensor, new_ids, bias: torch.Tensor | None = None, *,
+               base_lse: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+    """Per-position KL(base || grafted) in nats: "grafted" is the head ``weight`` (rows x d, optional
+    ``bias``), "base" the same head without the rows ``new_ids``. ``hidden``: the head's inputs
+    (positions x d, see :func:`head_inputs`).
+
+    The one implementation every caller uses (graft, doctor, bench, demo); the maths is
+    :func:`tokengraft.init.kl_of_added`. The largest probability the new rows take at a position is
+    ``1 - exp(-kl)`` (see :func:`mass_of`). ``base_lse`` (positions,) is the base head's
+    log-normaliser when the caller already has it (graft measures the base *vocabulary*, without
+    rows an earlier graft added); otherwise it is computed from ``weight`` without ``new_ids``."""
+    from .init import kl_of_added
+
+    new = torch.as_tensor(sorted(set(int(i) for i in new_ids)), dtype=torch.long)
+    if new.numel() == 0:
+        return torch.zeros(hidden.shape[0])
+    keep = torch.ones(weight.shape[0], dtype=torch.bool)
+    keep[new] = False
+    rows = weight[new].detach().float()
+    rows_bias = None if bias is None else bias[new].detach().float()
+    base_w = None if base_lse is not None else weight[keep].detach().float()
+    base_b = None if bias is None or base_lse is not None else bias[keep].detach().float()
+    out = []
+    with torch.no_grad():
+        # chunked: positions x vocabulary logits are ~200 MB per 1000 positions for a 49k vocabulary
+        for i, h in enumerate(hidden.split(chunk)):
+            h = h.float()
+            if base_lse is None:
+                z = h @ base_w.T
+                lse = torch.logsumexp(z if base_b is None else z + base_b, dim=1)
+            else:
+                lse = base_lse[i * chunk: i * chunk + h.shape[0]].float()
+            out.append(kl_of_added(h, lse, rows, rows_bias))
+    return torch.cat(out)
+
+
+def mass_of(kl: torch.Tensor) -> float:
+    """The largest probability the new rows take at any position, from per-position KL:
+    KL = log(1 + S/Z) and the mass is S / (Z + S) = 1 - exp(-KL)."""
+    return float(-torch.expm1(-kl.max())) if kl.numel() else 0.0
 
 
 def kl_base_vs_grafted(hidden: torch.Tensor, base_weight: torch.Tensor, grafted_weight: torch.Tensor,
-                       base_bias=None, grafted_bias=None, new_rows: list[int] | None = None,
-                       chunk: int = 256) -> tuple[float, float]:
-    """(mean KL(base || grafted) in nats per position, largest mass the new rows take at any
-    position), from head inputs. The base head's rows are a prefix of the grafted head's; new rows
-    default to the rows the grafted head has beyond the base's (pass ``new_rows`` when the graft
-    reused rows the base already had)."""
+                       new_rows: list[int] | None = None) -> tuple[float, float]:
+    """Deprecated (kept until tests/test_doctor.py moves to :func:`kl_of_rows`): (mean KL, largest
+    mass) of the grafted head against its own rows without ``new_rows`` (default: the rows beyond
+    ``base_weight``'s)."""
     n = base_weight.shape[0]
     new = list(range(n, grafted_weight.shape[0])) if new_rows is None else list(new_rows)
-    kls, mass = [], 0.0
-    for h in hidden.split(chunk):
-        lp = log_softmax_rows(h, base_weight, base_bias)
-        lq = log_softmax_rows(h, grafted_weight, grafted_bias)
-        kls.append((lp.exp() * (lp - lq[:, :n])).sum(-1))
-        if new:
-            mass = max(mass, float(lq[:, new].exp().sum(-1).max()))
-    return float(torch.cat(kls).mean()), mass
+    kl = kl_of_rows(hidden, grafted_weight, new)
+    return float(kl.mean()), mass_of(kl)
 
 
 def heldout_text() -> list[str]:

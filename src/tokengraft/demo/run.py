@@ -36,7 +36,7 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     from ..export import export
     from ..graft import graft
     from ..io import load_folder, save_folder
-    from ..probe import head_inputs, heldout_text, kl_base_vs_grafted
+    from ..probe import head_inputs, heldout_text, kl_of_rows, mass_of
     from ..train.data import renderer, prompt_of
     from ..train.metrics import plot
     from ..train.run import load_run
@@ -68,10 +68,10 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     step("3. graft the tokens; KL on ordinary text before training")
     model, tok, proc, manifest = load_folder(llava)
     hidden = head_inputs(model, tok, heldout_text())
-    base_head = model.get_output_embeddings().weight.detach().clone()
     manifest = graft(model, tok, data["tokens"], manifest=manifest, processor=proc, log=lambda m: log("   " + m))
-    kl, mass = kl_base_vs_grafted(hidden, base_head, model.get_output_embeddings().weight.detach(),
-                                  new_rows=[t.id for t in manifest.tokens if t.content in data["tokens"]])
+    per_pos = kl_of_rows(hidden, model.get_output_embeddings().weight,
+                         [t.id for t in manifest.tokens if t.content in data["tokens"]])
+    kl, mass = float(per_pos.mean()), mass_of(per_pos)
     for t in manifest.tokens:
         log(f"   {t.id:>6}  {t.content:<10} role={t.role:<8} init={t.init}")
     log(f"   KL(base || grafted) on held-out prose: {kl:.2e} nats/token; largest mass on new rows {mass:.1e}")
