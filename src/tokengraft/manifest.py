@@ -63,6 +63,9 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected a JSON object (schema_version, tokens, ...), found "
+                                f"{type(d).__name__}; is this a tokengraft.json?")
         v = d.get("schema_version")
         if not isinstance(v, int):
             raise ManifestError(f"{where}: no integer 'schema_version'; is this a tokengraft.json?")
