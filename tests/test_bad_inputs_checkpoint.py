@@ -114,3 +114,128 @@ def test_safetensors_reader_reads_what_safetensors_wrote(tmp_path):
             assert torch.equal(f.get(k), t[k])
         assert torch.equal(f.rows("w", 2, 5), t["w"][2:5])
         assert torch.equal(f.take("w", [7, 1, 2, 3, 9]), t["w"][[7, 1, 2, 3, 9]])
+
+
+# -- convert correctness -----------------------------------------------------------------------------
+
+def _save_tokenizer(smollm2_dir, folder: Path, added: list[str]) -> Path:
+    from transformers import AddedToken, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    for t in added:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False)], special_tokens=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_tiny_tensor_is_not_a_vocabulary(tmp_path, smollm2_dir):
+    """A [4, 3] 'embedding' converted to SmolLM2's 49,152-token vocabulary (rows by index): refused,
+    not padded with 49,148 invented rows."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "tiny.safetensors"
+    save_file({"model.embed_tokens.weight": torch.randn(4, 3)}, str(src))
+    line = refused("convert", [src, Path(smollm2_dir)], tmp_path / "out", src, "--to", smollm2_dir,
+                   "-o", tmp_path / "out")
+    assert "model.embed_tokens.weight" in line and "4 rows" in line and "49152" in line
+
+
+def _tiny_llava(folder: Path, smollm2_dir, hidden=8) -> Path:
+    """A LLaVA-shaped folder (config + weights + tokenizer with <image>); weights tiny but real-shaped."""
+    from safetensors.torch import save_file
+
+    tok = _save_tokenizer(smollm2_dir, folder, ["<image>"])
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(tok))
+    image_id = n - 1
+    cfg = {"model_type": "llava", "image_token_index": image_id, "vision_config": {"model_type": "clip_vision_model"},
+           "text_config": {"model_type": "llama", "vocab_size": n, "tie_word_embeddings": False}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+    save_file({"model.language_model.embed_tokens.weight": torch.randn(n, hidden, generator=g),
+               "lm_head.weight": torch.randn(n, hidden, generator=g),
+               "model.multi_modal_projector.linear_1.weight": torch.randn(hidden, 4, generator=g)},
+              str(folder / "model.safetensors"))
+    return folder
+
+
+def test_llava_to_vocabulary_without_image_token(tmp_path, smollm2_dir):
+    """The target has <box> where the source had <image>: refuse, naming the image token."""
+    src = _tiny_llava(tmp_path / "llava", smollm2_dir)
+    target = _save_tokenizer(smollm2_dir, tmp_path / "box", ["<box>"])
+    line = refused("convert", [src, target], tmp_path / "out", src, "--to", target, "-o", tmp_path / "out")
+    assert "'<image>'" in line and "image_token_index" in line
+
+
+def _tied_source(folder: Path, n: int, hidden=8) -> Path:
+    """XTuner's save of a tied LLM: embed_tokens and lm_head, bit-identical, both in the state dict."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    w = torch.randn(n, hidden, generator=torch.Generator().manual_seed(1))
+    save_file({"llm.model.embed_tokens.weight": w, "llm.lm_head.weight": w.clone(),
+               "llm.model.norm.weight": torch.ones(hidden)}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("init", ["auto", "hewitt"])
+def test_identical_embed_and_head_are_tied(tmp_path, smollm2_dir, init):
+    """Two vocabulary keys with identical tensors: one new row per token, the same on both keys,
+    and the manifest says tied."""
+    from tokengraft.checkpoint import SafetensorsFile
+
+    src = _tied_source(tmp_path / "src", 49152)
+    target = _save_tokenizer(smollm2_dir, tmp_path / "tgt", ["<box>", "</box>", "<ref>"])
+    r = run_cli("convert", src, "--to", target, "-o", tmp_path / "out", "--source-tokenizer", smollm2_dir,
+                "--init", init)
+    assert r.returncode == 0, r.stderr
+    with SafetensorsFile(tmp_path / "out" / "model.safetensors") as f:
+        emb, head = f.get("llm.model.embed_tokens.weight"), f.get("llm.lm_head.weight")
+    assert emb.shape == (49155, 8) and torch.equal(emb, head)
+    assert json.loads((tmp_path / "out" / "tokengraft.json").read_text())["tied"] is True
+
+
+def test_untied_source_stays_untied(tmp_path, smollm2_dir):
+    """The control: different embed and head tensors, no config: not tied, input side semantic."""
+    from safetensors.torch import save_file
+
+    from tokengraft.checkpoint.convert import convert
+
+    (tmp_path / "src").mkdir()
+    g = torch.Generator().manual_seed(2)
+    save_file({"model.embed_tokens.weight": torch.randn(49152, 8, generator=g),
+               "lm_head.weight": torch.randn(49152, 8, generator=g)}, str(tmp_path / "src" / "model.safetensors"))
+    target = _save_tokenizer(smollm2_dir, tmp_path / "tgt", ["<box>"])
+    rep = convert(tmp_path / "src", target, tmp_path / "out", source_tokenizer=smollm2_dir, log=lambda *a: None)
+    assert rep.tied is False and rep.init["input:<box>"] == "subword" and rep.init["output:<box>"] == "mean"
+    assert json.loads((tmp_path / "out" / "tokengraft.json").read_text())["tied"] is False
+
+
+def test_optimizer_moments_matched_by_parameter_order(tmp_path, smollm2_dir):
+    """mmengine-style iter_N.pth whose embedding and head have equal shapes: the head's moments are
+    labelled as the head (parameter order), and each moment moves with its own parameter's rows."""
+    from tokengraft.checkpoint.convert import convert
+
+    n, h = 49152, 4
+    g = torch.Generator().manual_seed(3)
+    sd = {"llm.model.embed_tokens.weight": torch.randn(n, h, generator=g),
+          "llm.model.norm.weight": torch.ones(h),
+          "llm.lm_head.weight": torch.randn(n, h, generator=g)}
+    state = {i: {"step": torch.tensor(7.0), "exp_avg": torch.full(v.shape, float(i + 1)),
+                 "exp_avg_sq": torch.full(v.shape, float(i + 1) / 10)} for i, v in enumerate(sd.values())}
+    torch.save({"meta": {"iter": 7}, "state_dict": sd,
+                "optimizer": {"state": state, "param_groups": [{"lr": 1e-4, "params": [0, 1, 2]}]}},
+               tmp_path / "iter_7.pth")
+    target = _save_tokenizer(smollm2_dir, tmp_path / "tgt", ["<box>"])
+    rep = convert(tmp_path / "iter_7.pth", target, tmp_path / "out", source_tokenizer=smollm2_dir,
+                  log=lambda *a: None)
+    moments = {r["key"]: r for r in rep.remapped if r["kind"] == "moment"}
+    assert set(moments) == {"optimizer.state.0 (llm.model.embed_tokens.weight)",
+                            "optimizer.state.2 (llm.lm_head.weight)"}
+    assert moments["optimizer.state.2 (llm.lm_head.weight)"]["side"] == "output"
+    assert any("by parameter order" in note for note in rep.notes)
+    opt = rep.optimizer
+    assert opt["state"][2]["exp_avg"].shape == (n + 1, h)
+    assert torch.all(opt["state"][2]["exp_avg"][:n] == 3.0) and torch.all(opt["state"][2]["exp_avg"][n] == 0)
+    assert torch.equal(opt["state"][1]["exp_avg"], state[1]["exp_avg"]) and opt["state"][0]["step"] == 7

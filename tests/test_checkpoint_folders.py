@@ -124,13 +124,19 @@ def test_bin_folder_as_safetensors_when_asked(sharded, tmp_path):
 def test_existing_output_needs_overwrite(sharded, tmp_path):
     _, src, target, _ = sharded
     out = tmp_path / "out"
-    out.mkdir()
+    convert(src, target, out, log=lambda *a: None)  # an earlier conversion: tokengraft wrote it
     (out / "keep").write_text("x")
     with pytest.raises(ValueError, match="already exists"):
         convert(src, target, out, log=lambda *a: None)
     assert (out / "keep").read_text() == "x"
     convert(src, target, out, overwrite=True, log=lambda *a: None)
     assert not (out / "keep").exists() and (out / "config.json").exists()
+    plain = tmp_path / "plain"  # a folder tokengraft did not write is never replaced
+    plain.mkdir()
+    (plain / "keep").write_text("x")
+    with pytest.raises(ValueError, match="not written by tokengraft"):
+        convert(src, target, plain, overwrite=True, log=lambda *a: None)
+    assert (plain / "keep").read_text() == "x"
 
 
 def test_read_state_dict_formats_agree(sharded, tmp_path):
@@ -151,7 +157,7 @@ def test_streamed_convert_equals_in_memory_remap(sharded, tmp_path, monkeypatch)
     computes; tiny chunks force many chunk boundaries and runs."""
     from transformers import AutoTokenizer
 
-    from tokengraft.checkpoint import remap as R
+    from tokengraft.checkpoint import newrows as R
     from tokengraft.checkpoint import stream as S
     from tokengraft.checkpoint.remap import remap_state_dict
 

@@ -8,7 +8,31 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("auto", "mean", "hewitt", "subword", "describe", "copy")
+# Every init strategy name, in one place. What ``auto`` means, wherever rows are initialized:
+# the input side is semantic (sub-word pieces of the token's words, or its description); the
+# output side is the mean over trained rows, so text without the new tokens keeps its
+# distribution. A tied matrix is the head too: the output rule wins, unless the caller can run the
+# model to calibrate a blend towards the semantic row within a KL budget (graft can; convert,
+# with no model to run, keeps the mean).
+METHODS = ("auto", "mean", "hewitt", "subword", "describe", "copy", "zero")
+# graft: every method but "zero" (a zero head row is not invisible); copy is spelled copy:TOKEN
+FOR_GRAFT = tuple(m for m in METHODS if m != "zero")
+# checkpoint conversion: no descriptions and no per-token specs there; "zero" leaves LoRA deltas
+# and optimizer moments at zero and new rows at zero
+FOR_CHECKPOINT = ("auto", "mean", "hewitt", "subword", "zero")
+TRAINED_REL = 0.05  # a row whose norm is at most 5% of the median row norm does not look trained
+
+
+def auto_method(side: str, tied: bool, semantic_ok: bool) -> str:
+    """The concrete method ``auto`` stands for on one side (see above), without a calibrating model."""
+    return "subword" if side == "input" and not tied and semantic_ok else "mean"
+
+
+def looks_trained(norms: torch.Tensor, rel: float = TRAINED_REL) -> torch.Tensor:
+    """The trained-row rule on row norms: above ``rel`` x the median norm (all-zero and near-zero
+    rows, such as Llama-3's reserved tokens, are left out). If no row passes, every row counts."""
+    mask = norms > rel * norms.median()
+    return mask if mask.any() else torch.ones_like(mask)
 
 
 def markup_words(token: str) -> str:
@@ -20,13 +44,11 @@ def markup_words(token: str) -> str:
     return f"end {words}" if closing else words
 
 
-def trained_mask(weight: torch.Tensor, rows: int | None = None, rel: float = 0.05) -> torch.Tensor:
-    """Rows that look trained: norm above ``rel`` x the median norm (all-zero and near-zero rows,
-    such as Llama-3's reserved tokens, are left out). Only the first ``rows`` rows are candidates."""
+def trained_mask(weight: torch.Tensor, rows: int | None = None, rel: float = TRAINED_REL) -> torch.Tensor:
+    """Rows that look trained (:func:`looks_trained`). Only the first ``rows`` rows are candidates."""
     n = weight.shape[0] if rows is None else rows
-    norms = weight[:n].float().norm(dim=1)
     mask = torch.zeros(weight.shape[0], dtype=torch.bool)
-    mask[:n] = norms > rel * norms.median()
+    mask[:n] = looks_trained(weight[:n].float().norm(dim=1), rel)
     return mask
 
 

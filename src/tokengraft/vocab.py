@@ -8,12 +8,16 @@ Depends on torch only, so any trainer can import it.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import cached_property
+from typing import Callable, Sequence
 
 import torch
+
+from .errors import TokengraftError
 
 Vocab = list  # list[str | None]
 
@@ -35,6 +39,10 @@ def fingerprint(vocab: Sequence[str | None]) -> str:
 NEW = -1  # a target row with no source row: must be initialized
 
 
+class RowMapError(TokengraftError):
+    """A tensor or vocabulary that does not fit the row map."""
+
+
 @dataclass(frozen=True)
 class RowMap:
     """``source[t]`` is the source row that target row ``t`` takes, or ``NEW`` (-1).
@@ -53,7 +61,7 @@ class RowMap:
     def target_rows(self) -> int:
         return len(self.source)
 
-    @property
+    @cached_property
     def new_rows(self) -> list[int]:
         return [t for t, s in enumerate(self.source) if s == NEW]
 
@@ -77,7 +85,7 @@ class RowMap:
         source_rows = len(source_vocab) if source_rows is None else source_rows
         target_rows = len(target_vocab) if target_rows is None else target_rows
         if source_rows < len(source_vocab) or target_rows < len(target_vocab):
-            raise ValueError("rows must be >= the vocabulary length on both sides")
+            raise RowMapError("rows must be >= the vocabulary length on both sides")
         where: dict[str, int] = {}
         for i, tok in enumerate(source_vocab):
             if tok is not None and tok not in where:
@@ -105,44 +113,41 @@ class RowMap:
         dropped = {i: None for i in range(target_rows, source_rows)}
         return cls(src, source_rows, new, dropped, assumed=reason)
 
-    # -- algebra ------------------------------------------------------------------------------
-    def then(self, other: "RowMap") -> "RowMap":
-        """Compose: apply ``self`` (A->B) then ``other`` (B->C), giving A->C."""
-        if other.source_rows != self.target_rows:
-            raise ValueError(f"cannot compose: {self.target_rows} rows vs {other.source_rows}")
-        src = tuple(NEW if s == NEW else self.source[s] for s in other.source)
-        new = {t: other.new_tokens.get(t, self.new_tokens.get(other.source[t])) for t, s in enumerate(src) if s == NEW}
-        taken = set(src)
-        dropped = {**self.dropped, **{self.source[b]: tok for b, tok in other.dropped.items() if self.source[b] != NEW}}
-        dropped = {i: tok for i, tok in dropped.items() if i not in taken}
-        assumed = "; ".join(a for a in (self.assumed, other.assumed) if a) or None
-        return RowMap(src, self.source_rows, new, dropped, assumed)
-
-    def inverse(self, source_vocab: Sequence[str | None] | None = None) -> "RowMap":
-        """The map back (B->A): shared rows return, rows this map dropped become new."""
-        back = [NEW] * self.source_rows
-        for t, s in enumerate(self.source):
-            if s != NEW and back[s] == NEW:
-                back[s] = t
-        new = {s: (source_vocab[s] if source_vocab is not None and s < len(source_vocab) else self.dropped.get(s))
-               for s, t in enumerate(back) if t == NEW}
-        dropped = dict(self.new_tokens)
-        return RowMap(tuple(back), self.target_rows, new, dropped, self.assumed)
-
-    # -- application --------------------------------------------------------------------------
+    # -- application: the one gather of rows by token identity --------------------------------
     def apply(self, tensor: torch.Tensor, dim: int = 0, fill: torch.Tensor | None = None) -> torch.Tensor:
         """Gather ``tensor`` along ``dim`` into the target layout. New rows take ``fill``
-        (shape: new rows x the other dims, in ``new_rows`` order) or zeros."""
+        (shape: new rows x the other dims, in ``new_rows`` order) or zeros. One allocation of the
+        output (a vocabulary matrix can be most of a model's memory)."""
         if tensor.shape[dim] != self.source_rows:
-            raise ValueError(f"tensor has {tensor.shape[dim]} rows along dim {dim}, the map expects {self.source_rows}")
+            raise RowMapError(f"tensor has {tensor.shape[dim]} rows along dim {dim}, the row map expects "
+                              f"{self.source_rows}")
         moved = tensor.movedim(dim, 0)
         idx = self.index_tensor()
-        out = moved.new_zeros((self.target_rows, *moved.shape[1:]))
-        keep = idx != NEW
-        out[keep] = moved[idx[keep]]
-        if fill is not None and (~keep).any():
-            out[~keep] = fill.to(out.dtype).reshape(int((~keep).sum()), *moved.shape[1:])
+        out = moved.index_select(0, idx.clamp(min=0))  # new rows briefly hold row 0, overwritten below
+        new = idx == NEW
+        if new.any():
+            out[new] = 0 if fill is None else fill.to(out.dtype).reshape(int(new.sum()), *moved.shape[1:])
         return out.movedim(0, dim).contiguous()
+
+    def apply_chunk(self, take: Callable[[list[int]], torch.Tensor], a: int, b: int,
+                    fill: torch.Tensor | None = None) -> torch.Tensor:
+        """Target rows ``[a, b)`` (vocabulary dimension first) without the whole source in memory:
+        ``take(ids)`` returns those source rows in that order (e.g. read from disk); new rows take
+        their rows of ``fill`` (all new rows x the other dims, ``new_rows`` order) or zeros."""
+        idx = self.source[a:b]
+        pos = [i for i, s in enumerate(idx) if s != NEW]
+        rows = take([idx[i] for i in pos])
+        if len(pos) == len(idx):
+            return rows
+        out = rows.new_zeros((b - a, *rows.shape[1:]))
+        if pos:
+            out[torch.tensor(pos, dtype=torch.long)] = rows
+        if fill is not None:
+            new_here = [i for i, s in enumerate(idx) if s == NEW]
+            first = bisect.bisect_left(self.new_rows, a)  # fill rows are in new_rows order
+            out[torch.tensor(new_here, dtype=torch.long)] = fill[first:first + len(new_here)].to(out.dtype).reshape(
+                len(new_here), *rows.shape[1:])
+        return out
 
     def summary(self) -> dict:
         moved = sum(1 for t, s in enumerate(self.source) if s not in (NEW, t))

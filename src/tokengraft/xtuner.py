@@ -312,6 +312,12 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     if rows_ck is not None and rows_ck < rows_of(lm):
         raise XTunerError(f"the checkpoint's vocabulary rows ({rows_ck}) are fewer than the LLM's ({rows_of(lm)}); "
                           f"was the run built on another LLM folder than {llm}?")
+    saved_rows = any(k == emb_key or (k.endswith("lm_head.weight") and v.dim() == 2) for k, v in plain.items())
+    if rows_ck is not None and saved_rows and rows_ck - n_base > len(user):
+        # trained rows of tokens we cannot name would be thrown away (or given to other tokens)
+        raise XTunerError(f"the checkpoint has {rows_ck - n_base} trained vocabulary row(s) beyond the LLM's "
+                          f"{n_base} tokens (rows {n_base}..{rows_ck - 1}) but --tokens names {len(user)}; pass "
+                          f"--tokens (or --tokens-file) with the tokens the XTuner run added, in order")
     if rows_ck is not None and rows_ck > rows_of(lm):
         lm.resize_token_embeddings(rows_ck, mean_resizing=False)  # XTuner resized the LLM before training
         notes.append(f"the checkpoint has {rows_ck} vocabulary rows, the LLM {n_base} tokens: rows {n_base}.."

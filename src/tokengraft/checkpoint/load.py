@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from ..vocab import vocab_of
 from .readers import open_checkpoint
-from .remap import RemapError, RemapReport, build_row_map, infer_rows, remap_state_dict
+from .errors import RemapError
+from .layout import infer_rows
+from .remap import build_row_map, remap_state_dict
+from .report import RemapReport
 from .sources import resolve_source_vocab
 
 _PREFIXES = ("module.", "base_model.model.", "model.language_model.", "language_model.model.",

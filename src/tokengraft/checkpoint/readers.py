@@ -76,6 +76,21 @@ class Checkpoint:
         with SafetensorsFile(self.info.root / self.file_of(key)) as f:
             return f.get(key)
 
+    def equal(self, a: str, b: str, chunk_rows: int = 4096) -> bool:
+        """Whether keys ``a`` and ``b`` hold bit-identical tensors (safetensors: compared in row chunks)."""
+        if self.shape(a) != self.shape(b) or self.dtype(a) != self.dtype(b):
+            return False
+        if self._eager is not None:
+            x, y = self._eager[a], self._eager[b]
+            return x.data_ptr() == y.data_ptr() or torch.equal(x, y)
+        if not self.shape(a):
+            return torch.equal(self.get(a), self.get(b))
+        with SafetensorsFile(self.info.root / self.file_of(a)) as fa, \
+                SafetensorsFile(self.info.root / self.file_of(b)) as fb:
+            n = self.shape(a)[0]
+            return all(torch.equal(fa.rows(a, i, min(i + chunk_rows, n)), fb.rows(b, i, min(i + chunk_rows, n)))
+                       for i in range(0, n, chunk_rows))
+
     def read_file(self, file: str) -> dict[str, torch.Tensor]:
         """Every tensor of one file (one shard)."""
         keys = self.info.files[file]

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ..vocab import NEW, RowMap
-from .remap import CHUNK_ROWS, Rows, VocabTensor, chunked_stats, new_rows, record
+from ..vocab import RowMap
+from .errors import RemapError
+from .layout import VocabTensor
+from .newrows import CHUNK_ROWS, Rows, chunked_stats, new_rows
+from .readers import Checkpoint
+from .report import RemapReport, record
 from .safetensors import SafetensorsFile
+from .stwriter import tensor_entry
 
 OUT_CHUNK_BYTES = 32 * 2**20
 
@@ -48,30 +53,51 @@ def write_remapped(fh, src: FileRows, vt: VocabTensor, rm: RowMap, report, *, in
     base_rows = rm.source_rows if base_rows is None else base_rows
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
     if not src.dtype.is_floating_point:
-        from .remap import RemapError
-
         raise RemapError(f"tensor {vt.key!r} is vocabulary-shaped but has dtype {src.dtype}; expected a float tensor")
+    if tied:  # one matrix: both keys must get the same rows, random strategies included
+        gen = torch.Generator().manual_seed(gen.initial_seed())
     fill, names = new_rows(src, vt, rm, init, tied, tokenizer, base_rows, gen)
-    fill_at = {t: i for i, t in enumerate(rm.new_rows)}
     fill = fill.to(src.dtype)
     step = max(1, min(CHUNK_ROWS * 4, OUT_CHUNK_BYTES // max(1, src.row_bytes)))
     written = 0
     for a in range(0, rm.target_rows, step):
-        b = min(a + step, rm.target_rows)
-        idx = list(rm.source[a:b])
-        keep = [s for s in idx if s != NEW]
-        rows = src.take(keep)
-        if len(keep) != len(idx):  # place new rows between the gathered ones
-            out = torch.empty((b - a, *src.shape[1:]), dtype=src.dtype)
-            pos = torch.tensor([i for i, s in enumerate(idx) if s != NEW], dtype=torch.long)
-            if len(pos):
-                out[pos] = rows
-            for i, s in enumerate(idx):
-                if s == NEW:
-                    out[i] = fill[fill_at[a + i]].reshape(src.shape[1:])
-            rows = out
+        rows = rm.apply_chunk(src.take, a, min(a + step, rm.target_rows), fill)
         data = memoryview(rows.contiguous().reshape(-1).view(torch.uint8).numpy())
         fh.write(data)
         written += len(data)
     record(report, vt, rm, names, tied, src.shape, (rm.target_rows, *src.shape[1:]))
     return written
+
+
+class LazyRemap:
+    """Vocabulary tensors remapped on demand, streamed from the source file to the output when their
+    vocabulary dimension comes first (nothing kept, memory bounded by a few row chunks)."""
+
+    def __init__(self, ck: Checkpoint, found: dict, rm, report: RemapReport, **kw):
+        self.ck, self.rm, self.report, self.kw = ck, rm, report, kw
+        self.vts = {k: v for k, v in found.items() if v is not None}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __contains__(self, k):
+        return k in self.vts
+
+    def __iter__(self):
+        return iter(self.vts)
+
+    def shape(self, k) -> tuple[int, ...]:
+        s = list(self.ck.shape(k))
+        s[self.vts[k].dim] = self.rm.target_rows
+        return tuple(s)
+
+    def __getitem__(self, k) -> torch.Tensor:
+        from .remap import remap_tensor
+
+        return remap_tensor(self.ck.get(k), self.vts[k], self.rm, self.report, gen=self.gen, **self.kw)
+
+    def write(self, k, fh) -> None:
+        vt = self.vts[k]
+        if not streamable(vt, self.ck.shape(k)):
+            tensor_entry(k, self[k]).write(fh)
+            return
+        with SafetensorsFile(self.ck.info.root / self.ck.file_of(k)) as st:
+            write_remapped(fh, FileRows(st, k), vt, self.rm, self.report, gen=self.gen, **self.kw)
