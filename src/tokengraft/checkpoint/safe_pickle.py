@@ -3,18 +3,26 @@
 ``torch.load(path, weights_only=True)`` refuses real mmengine/XTuner ``iter_N.pth`` files: their
 ``message_hub`` and ``meta`` hold mmengine and numpy objects. This reader rebuilds what a
 checkpoint's *weights* are made of (tensors, storages, plain containers, dtypes, sizes) and turns
-every other global into an inert :class:`Placeholder` that records its name and arguments. A
-placeholder is never the named callable: ``os.system`` in a pickle becomes ``Placeholder('os',
-'system')``, so a malicious ``__reduce__`` does nothing.
+every other global into an inert :class:`Placeholder` that records exactly what the pickle said
+(the global's module and name, the call arguments, the state, appended items and set items).
+A placeholder is never the named callable: ``os.system`` in a pickle becomes ``Placeholder('os',
+'system')``, so a malicious ``__reduce__`` does nothing. Because the record is complete,
+:func:`tokengraft.checkpoint.repickle.safe_save` can write the same globals back, so the output
+loads in an environment that has mmengine/numpy exactly as the input did.
+
+Limits (hostile files): storages are bounded by the sizes the pickle declares; a compressed zip
+member is inflated in chunks, never past its declared size nor past a small total budget (a
+deflate bomb cannot blow up memory); a tensor view must lie inside its storage with non-negative
+offset, sizes and strides. Every violation is one :class:`UnsafeCheckpointError` line.
 
 Storages are mapped copy-on-write from the file (``mmap.ACCESS_COPY``): tensors are read lazily
 page by page and writing to them can never touch the source.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import mmap
-import os
 import pickle
 import struct
 import zipfile
@@ -23,47 +31,96 @@ from pathlib import Path
 import torch
 from ..errors import TokengraftError
 
+# Bytes a file may inflate from *compressed* members in total. torch.save never compresses, so
+# only re-zipped files use this; a deflate bomb (1.5 MB -> GBs) stops here with one line.
+COMPRESSED_BUDGET = 64 << 20
+_CHUNK = 1 << 20
+
 
 class UnsafeCheckpointError(TokengraftError):
-    """The file cannot be read without executing code from it (or is not a torch file)."""
+    """The file cannot be read without executing code from it, or breaks a safety limit."""
+
+
+_NO_STATE = object()
 
 
 class Placeholder:
     """Stands in for a global the checkpoint names but we refuse to import or call.
 
-    Instances record ``module``, ``name``, the call ``args`` and any ``state``; nothing else."""
+    An instance records how the pickle built it, so it can be written back unchanged:
+    ``module``/``name`` (class attributes), ``args``, ``kwargs``, ``via`` ("reduce": the pickle
+    called the global; "newobj": it called ``global.__new__``), ``state`` (BUILD), ``listitems``
+    (APPEND/APPENDS) and ``dictitems`` (SETITEM/SETITEMS, in order). Nothing else ever happens."""
 
     module = "?"
     name = "?"
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
-        obj.args = args
-        obj.state = None
+        d = obj.__dict__
+        d["args"], d["kwargs"], d["via"] = args, kwargs, "newobj"
+        d["state"], d["listitems"], d["dictitems"] = _NO_STATE, [], []
         return obj
 
-    def __init__(self, *args, **kwargs):  # never does anything: the real class is not imported
-        pass
+    def __init__(self, *args, **kwargs):  # REDUCE calls the global: __new__ then __init__
+        self.__dict__["via"] = "reduce"
 
-    def __setstate__(self, state):
-        self.state = state
+    def __setstate__(self, state):  # BUILD
+        self.__dict__["state"] = state
 
-    def __call__(self, *args, **kwargs):  # a placeholder used as a function (REDUCE on an instance)
-        return _placeholder_class(self.module, self.name)(*args)
+    def __call__(self, *args, **kwargs):  # a placeholder instance used as a function (REDUCE)
+        return _InertCall(self, args)
 
-    # BUILD may also set items/attributes; be a permissive inert sink for them
-    def __setitem__(self, key, value):
-        self.__dict__.setdefault("items", {})[key] = value
+    def __setitem__(self, key, value):  # SETITEM(S)
+        self.dictitems.append((key, value))
 
-    def append(self, value):
-        self.__dict__.setdefault("items", []).append(value)
+    def append(self, value):  # APPEND(S)
+        self.listitems.append(value)
 
     def extend(self, values):
-        for v in values:
-            self.append(v)
+        self.listitems.extend(values)
+
+    @property
+    def has_state(self) -> bool:
+        return self.state is not _NO_STATE
+
+    def __reduce_ex__(self, protocol):
+        """The recorded global, arguments and state: pickling writes back what was read."""
+        state = self.state if self.has_state else None
+        items = iter(self.listitems) if self.listitems else None
+        pairs = iter(self.dictitems) if self.dictitems else None
+        if self.via == "reduce":
+            return (type(self), self.args, state, items, pairs)
+        if self.kwargs:
+            import copyreg
+
+            if protocol < 4:
+                raise pickle.PicklingError(f"{self!r} was built with NEWOBJ_EX; write with protocol 4")
+            return (copyreg.__newobj_ex__, (type(self), self.args, self.kwargs), state, items, pairs)
+        import copyreg
+
+        return (copyreg.__newobj__, (type(self), *self.args), state, items, pairs)
 
     def __repr__(self):
         return f"<inert {self.module}.{self.name}>"
+
+
+class _InertCall(Placeholder):
+    """The result of calling a placeholder *instance* (e.g. a pickled bound method)."""
+
+    def __new__(cls, func, args):
+        obj = Placeholder.__new__(cls)
+        obj.__dict__.update(func=func, args=args, via="reduce")
+        obj.module, obj.name = func.module, func.name
+        return obj
+
+    def __init__(self, *args):
+        pass
+
+    def __reduce_ex__(self, protocol):
+        state = self.state if self.has_state else None
+        return (self.func, self.args, state, iter(self.listitems) if self.listitems else None,
+                iter(self.dictitems) if self.dictitems else None)
 
 
 _PLACEHOLDERS: dict[tuple[str, str], type] = {}
@@ -76,23 +133,84 @@ def _placeholder_class(module: str, name: str) -> type:
     return _PLACEHOLDERS[key]
 
 
-class _DefaultDict(dict):
-    """``collections.defaultdict`` without its factory (which would be code from the file)."""
+def placeholder_global(obj) -> tuple[str, str] | None:
+    """``(module, name)`` when ``obj`` is a placeholder *class* (a global reference), else None."""
+    if isinstance(obj, type) and issubclass(obj, Placeholder) and obj not in (Placeholder, _InertCall):
+        return obj.module, obj.name
+    return None
 
-    def __init__(self, *args, **kwargs):
+
+class _DefaultDict(dict):
+    """``collections.defaultdict`` without calling its factory (which would be code from the file);
+    the factory is kept (inert) so writing back rebuilds the same defaultdict."""
+
+    def __init__(self, factory=None, *args, **kwargs):
         super().__init__()
+        self.factory = factory
+
+    def __reduce_ex__(self, protocol):
+        return (collections.defaultdict, (self.factory,), None, None, iter(self.items()))
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = memo[id(self)] = _DefaultDict(self.factory)
+        new.update((copy.deepcopy(k, memo), copy.deepcopy(v, memo)) for k, v in self.items())
+        return new
+
+
+def _bytearray(*args):
+    # bytearray(10**12) would allocate; only the pickled form (data [, encoding]) is accepted
+    if args and isinstance(args[0], int):
+        raise UnsafeCheckpointError("bytearray(<int>) in the pickle (an allocation request), refused")
+    return bytearray(*args)
+
+
+class _Storage:
+    """An untyped storage plus the dtype its tensors view it as, and its declared size."""
+
+    def __init__(self, untyped: torch.UntypedStorage, dtype: torch.dtype, key: str):
+        self.untyped, self.dtype, self.key = untyped, dtype, key
+
+
+def _ints(value, what: str) -> tuple[int, ...]:
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise UnsafeCheckpointError(f"tensor {what} is not a sequence: {value!r:.60}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+        raise UnsafeCheckpointError(f"tensor {what} holds non-integers: {out!r:.80}")
+    return out
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                    metadata=None):
-    t = torch.empty((0,), dtype=storage.dtype)
-    t.set_(storage.untyped, storage_offset, tuple(size), tuple(stride))
+                    metadata=None, dtype=None):
+    if not isinstance(storage, _Storage):
+        raise UnsafeCheckpointError(f"a tensor is rebuilt from {type(storage).__name__}, not from a storage")
+    dtype = dtype if isinstance(dtype, torch.dtype) else storage.dtype
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if not isinstance(storage_offset, int) or isinstance(storage_offset, bool):
+        raise UnsafeCheckpointError(f"tensor storage offset {storage_offset!r:.40} is not an integer")
+    if len(size) != len(stride):
+        raise UnsafeCheckpointError(f"tensor size {list(size)} and stride {list(stride)} disagree in length")
+    if storage_offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise UnsafeCheckpointError(f"negative tensor offset/size/stride (offset {storage_offset}, size "
+                                    f"{list(size)}, stride {list(stride)}) in storage {storage.key!r}")
+    held = storage.untyped.nbytes() // dtype.itemsize
+    # elements the view touches: the last one sits at offset + sum((size-1)*stride)
+    need = storage_offset if 0 in size else storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
+    if need > held:
+        raise UnsafeCheckpointError(f"a tensor view (size {list(size)}, stride {list(stride)}, offset "
+                                    f"{storage_offset}) needs {need} elements but storage {storage.key!r} "
+                                    f"holds {held}: a view larger than its storage")
+    t = torch.empty((0,), dtype=dtype)
+    t.set_(storage.untyped, storage_offset, size, stride)
     return t
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                        metadata=None):
-    return _rebuild_tensor(storage, storage_offset, size, stride)
+    return _rebuild_tensor(storage, storage_offset, size, stride, dtype=dtype)
 
 
 def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, *state):
@@ -101,13 +219,6 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, *state):
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)
-
-
-class _Storage:
-    """An untyped storage plus the dtype its tensors view it as."""
-
-    def __init__(self, untyped: torch.UntypedStorage, dtype: torch.dtype):
-        self.untyped, self.dtype = untyped, dtype
 
 
 class _StorageType:
@@ -122,7 +233,7 @@ _SAFE = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("torch._utils", "_rebuild_tensor"): lambda s, o, size, stride: _rebuild_tensor(s, o, size, stride),
@@ -164,16 +275,23 @@ class _Unpickler(pickle.Unpickler):
         self._storages = storages
 
     def find_class(self, module, name):
+        # Python 2 names (protocol 2 writes `__builtin__ set`): the base find_class would map them,
+        # overriding it skips that, so map here (a lookup table; nothing is imported)
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         return _safe_global(module, name)
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise UnsafeCheckpointError(f"unknown persistent id {pid!r:.60}")
-        _, stype, key, _location, _numel = pid
+        _, stype, key, _location, numel = pid
         if not isinstance(stype, _StorageType):
             raise UnsafeCheckpointError(f"unknown storage type {stype!r}; tokengraft reads the standard tensor types only")
-        dtype = stype.dtype
-        return _Storage(self._storages(str(key)), dtype)
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise UnsafeCheckpointError(f"storage {key!r} declares an invalid size {numel!r:.40}")
+        return _Storage(self._storages(str(key), numel * stype.dtype.itemsize), stype.dtype, str(key))
 
 
 def _member_offset(fh, info: zipfile.ZipInfo) -> int:
@@ -184,6 +302,31 @@ def _member_offset(fh, info: zipfile.ZipInfo) -> int:
         raise UnsafeCheckpointError("corrupt zip member header")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
     return info.header_offset + 30 + name_len + extra_len
+
+
+class _Inflater:
+    """Reads compressed members in chunks, never past a bound nor past the file's total budget."""
+
+    def __init__(self, zf: zipfile.ZipFile, budget: int):
+        self.zf, self.left = zf, budget
+
+    def read(self, info: zipfile.ZipInfo, bound: int, what: str) -> bytearray:
+        hint = ("(a zip bomb?); torch.save never compresses: re-save the checkpoint uncompressed in a "
+                "trusted environment")
+        if bound > self.left:
+            raise UnsafeCheckpointError(f"{what} is compressed and declares {bound} bytes, over the "
+                                        f"{COMPRESSED_BUDGET >> 20} MiB allowed for compressed members {hint}")
+        if info.file_size > bound:
+            raise UnsafeCheckpointError(f"{what} inflates to {info.file_size} bytes, more than the {bound} "
+                                        f"it declares {hint}")
+        out = bytearray()
+        with self.zf.open(info) as f:  # zipfile stops at the header's size; the bound is kept anyway
+            while chunk := f.read(min(_CHUNK, bound - len(out) + 1)):
+                out += chunk
+                if len(out) > bound:
+                    raise UnsafeCheckpointError(f"{what} inflates past the {bound} bytes it declares {hint}")
+        self.left -= len(out)
+        return out
 
 
 def safe_load(path) -> object:
@@ -214,45 +357,67 @@ def safe_load(path) -> object:
         raise UnsafeCheckpointError(f"{path}: expected one data.pkl inside the torch zip file, found {len(pkl)}")
     prefix = pkl[0][: -len("data.pkl")]
     infos = {i.filename: i for i in zf.infolist()}
-    order = "little"
-    if prefix + "byteorder" in infos:
-        order = zf.read(prefix + "byteorder").decode().strip()
-    if order != "little":
-        raise UnsafeCheckpointError(f"{path}: big-endian checkpoints are not supported")
-    fh = open(path, "rb")
-    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-    cache: dict[str, torch.UntypedStorage] = {}
+    inflater = _Inflater(zf, COMPRESSED_BUDGET)
 
-    def storage(key: str) -> torch.UntypedStorage:
-        if key not in cache:
+    def member(name: str, bound: int) -> bytes:
+        info = infos[name]
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size > size:
+                raise UnsafeCheckpointError(f"{name} claims {info.file_size} bytes, more than the whole file")
+            return zf.read(info)
+        return bytes(inflater.read(info, min(bound, inflater.left), name))
+
+    fh = None
+    try:
+        order = "little"
+        if prefix + "byteorder" in infos:
+            order = member(prefix + "byteorder", 64).decode(errors="replace").strip()
+        if order != "little":
+            raise UnsafeCheckpointError("big-endian checkpoints are not supported")
+        fh = open(path, "rb")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        cache: dict[str, torch.UntypedStorage] = {}
+
+        def storage(key: str, nbytes: int) -> torch.UntypedStorage:
+            if key in cache:
+                if cache[key].nbytes() != nbytes:
+                    raise UnsafeCheckpointError(f"storage {key!r} is declared with two different sizes")
+                return cache[key]
             info = infos.get(f"{prefix}data/{key}")
             if info is None:
-                raise UnsafeCheckpointError(f"{path}: storage {key!r} is missing from the file; is it truncated?")
+                raise UnsafeCheckpointError(f"storage {key!r} is missing from the file; is it truncated?")
             if info.compress_type != zipfile.ZIP_STORED:
-                data = bytearray(zf.read(info))
-                cache[key] = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
+                data = inflater.read(info, nbytes, f"storage {key!r}")
+            else:
+                data = None
+                if info.file_size > size:
+                    raise UnsafeCheckpointError(f"storage {key!r} claims {info.file_size} bytes, more than the file")
+            have = len(data) if data is not None else info.file_size
+            if have < nbytes:  # like torch.load: a record shorter than its declared storage is corrupt
+                raise UnsafeCheckpointError(f"storage {key!r} declares {nbytes} bytes but the file holds {have}; "
+                                            f"the file is truncated or corrupt")
+            if nbytes == 0:
+                cache[key] = torch.UntypedStorage(0)
+            elif data is not None:
+                cache[key] = torch.frombuffer(data, dtype=torch.uint8, count=nbytes).untyped_storage()
             else:
                 off = _member_offset(fh, info)
-                if off + info.file_size > size:
-                    raise UnsafeCheckpointError(f"{path}: storage {key!r} runs past the end of the file; "
-                                                f"the file is truncated")
-                if info.file_size == 0:
-                    cache[key] = torch.UntypedStorage(0)
-                else:
-                    cache[key] = torch.frombuffer(mm, dtype=torch.uint8, offset=off,
-                                                  count=info.file_size).untyped_storage()
-        return cache[key]
+                if off + nbytes > size:
+                    raise UnsafeCheckpointError(f"storage {key!r} runs past the end of the file; the file is truncated")
+                cache[key] = torch.frombuffer(mm, dtype=torch.uint8, offset=off, count=nbytes).untyped_storage()
+            return cache[key]
 
-    try:
-        obj = _Unpickler(zf.read(pkl[0]), storage).load()
+        obj = _Unpickler(member(pkl[0], COMPRESSED_BUDGET), storage).load()
     except UnsafeCheckpointError as e:
         if str(path) in str(e):
             raise
         raise UnsafeCheckpointError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError) as e:
-        raise UnsafeCheckpointError(f"{path}: cannot unpickle safely ({type(e).__name__}: {e})") from None
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, RuntimeError, MemoryError, RecursionError, OverflowError) as e:
+        raise UnsafeCheckpointError(f"{path}: cannot unpickle safely ({type(e).__name__}: {e})"[:400]) from None
     finally:
-        fh.close()  # the mmap keeps its own reference to the file
+        if fh is not None:
+            fh.close()  # the mmap keeps its own reference to the file
     return obj
 
 
@@ -278,3 +443,6 @@ def placeholders_in(obj, limit: int = 20) -> list[str]:
 
     walk(obj)
     return found
+
+
+from .repickle import safe_save  # noqa: E402  (the writer that pairs with safe_load)

@@ -1,0 +1,66 @@
+"""Write back what :func:`safe_load` read: same format in, same format out.
+
+``safe_save(obj, path)`` writes ``obj`` as a torch zip checkpoint exactly like ``torch.save``
+(torch's own writer lays out the storages), but with a pickler that writes every inert
+:class:`~tokengraft.checkpoint.safe_pickle.Placeholder` back as the *same* global with the same
+arguments, state, appended and set items. The named modules (mmengine, numpy, ...) are never
+imported: the global is written as text. So a converted mmengine ``iter_N.pth`` loads with
+``torch.load(out, weights_only=False)`` in an environment that has mmengine, rebuilding the same
+``HistoryBuffer``/numpy objects the input held -- and nothing from the input ran here.
+
+Caveat: tensors come back as plain tensors (``nn.Parameter`` wrappers are not kept); checkpoints
+hold state dicts, whose tensors are plain already.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+
+from .safe_pickle import placeholder_global
+
+
+class _Pickler(pickle._Pickler):
+    """The pure-Python pickler (its ``save_global`` can be overridden; the C one cannot): a
+    placeholder class is written as its recorded global without importing the module."""
+
+    def save_global(self, obj, name=None):
+        ref = placeholder_global(obj)
+        if ref is None:
+            return super().save_global(obj, name)
+        module, qualname = ref
+        if self.proto >= 4:
+            self.save(module)
+            self.save(qualname)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + module.encode("utf-8") + b"\n" + qualname.encode("utf-8") + b"\n")
+        self.memoize(obj)
+
+
+# torch.save(pickle_module=...) only needs a module-like object whose Pickler it subclasses
+_pickle_module = types.SimpleNamespace(Pickler=_Pickler, __name__="tokengraft_repickle")
+
+
+def safe_save(obj, path, protocol: int = 2) -> Path:
+    """Write ``obj`` (as returned by :func:`safe_load`, possibly edited) to ``path`` atomically.
+
+    The file is written beside ``path`` and renamed into place, so a failure never leaves a
+    half-written checkpoint, and a reader of the old file (a copy-on-write mapping) is unaffected."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp, pickle_module=_pickle_module, pickle_protocol=protocol)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets ordinary file modes
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,399 @@
+"""The restricted unpickler under hostile files (limits), and writing back what it read.
+
+Hostile files are built by hand (zipfile + pickle) the way an attacker would: a deflate bomb,
+views larger than their storage, negative offsets/sizes/strides, storages shorter than declared.
+The write-back test uses real numpy objects and a custom class from a module that only the
+reference processes can import: safe_load -> safe_save runs without it and must still produce a
+file that ``torch.load`` rebuilds into objects equal to the original.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import subprocess
+import sys
+import textwrap
+import zipfile
+import zlib
+
+import pytest
+import torch
+
+from tokengraft.checkpoint import safe_pickle
+from tokengraft.checkpoint.safe_pickle import UnsafeCheckpointError, safe_load, safe_save
+
+
+# ---------------------------------------------------------------- hand-made torch zip files
+
+class _StorageRef:
+    """Pickled as a torch persistent storage id, with whatever numel we want to declare."""
+
+    def __init__(self, key, numel, stype=torch.FloatStorage):
+        self.key, self.numel, self.stype = key, numel, stype
+
+
+class _TensorRef:
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, tuple(size), tuple(stride), False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class _HandPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", obj.stype, obj.key, "cpu", obj.numel)
+        return None
+
+
+def write_pth(path, obj, members: dict[str, bytes], compress: set[str] = frozenset()):
+    """A torch-layout zip (``archive/data.pkl`` + ``archive/data/<key>``) from raw pieces."""
+    buf = io.BytesIO()
+    _HandPickler(buf, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/byteorder", "little")
+        for key, data in members.items():
+            z.writestr(f"archive/data/{key}", data,
+                       compress_type=zipfile.ZIP_DEFLATED if key in compress else zipfile.ZIP_STORED)
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+def floats(n):
+    return torch.arange(n, dtype=torch.float32).numpy().tobytes()
+
+
+def one_line_error(fn):
+    with pytest.raises(UnsafeCheckpointError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert e.value.exit_code == 2
+    return msg
+
+
+def test_well_formed_hand_file_loads(tmp_path):
+    s = _StorageRef("0", 6)
+    p = write_pth(tmp_path / "ok.pth", {"w": _TensorRef(s, 0, (2, 3), (3, 1)),
+                                       "t": _TensorRef(s, 1, (2, 2), (1, 3))}, {"0": floats(6)})
+    obj = safe_load(p)
+    assert obj["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert obj["t"].tolist() == [[1, 4], [2, 5]]
+
+
+@pytest.mark.parametrize("offset,size,stride,words", [
+    (0, (10,), (1,), "larger than its storage"),
+    (3, (2, 2), (2, 1), "larger than its storage"),   # last element at 3+2+1 = 6 > 5
+    (0, (2, 3), (4, 1), "larger than its storage"),   # a stride that walks off the end
+    (-1, (2,), (1,), "negative"),
+    (0, (-2, 3), (3, 1), "negative"),
+    (0, (2, 3), (-3, 1), "negative"),
+    (0, (2, 3), (3,), "disagree"),
+])
+def test_hostile_views_are_one_line_errors(tmp_path, offset, size, stride, words):
+    p = write_pth(tmp_path / "bad.pth", {"w": _TensorRef(_StorageRef("0", 6), offset, size, stride)},
+                  {"0": floats(6)})
+    msg = one_line_error(lambda: safe_load(p))
+    assert words in msg and str(p) in msg, msg
+
+
+def test_storage_shorter_than_declared_and_negative_numel(tmp_path):
+    p = write_pth(tmp_path / "short.pth", {"w": _TensorRef(_StorageRef("0", 100), 0, (4,), (1,))},
+                  {"0": floats(6)})
+    assert "declares 400 bytes but the file holds 24" in one_line_error(lambda: safe_load(p))
+    p = write_pth(tmp_path / "neg.pth", {"w": _TensorRef(_StorageRef("0", -5), 0, (0,), (1,))},
+                  {"0": floats(6)})
+    assert "invalid size" in one_line_error(lambda: safe_load(p))
+
+
+def test_allocation_requests_in_the_pickle_are_refused(tmp_path):
+    class Alloc:
+        def __reduce__(self):
+            return (bytearray, (10 ** 12,))
+
+    p = write_pth(tmp_path / "alloc.pth", {"x": Alloc()}, {})
+    assert "allocation" in one_line_error(lambda: safe_load(p))
+
+
+def _deflate_zeros(nbytes: int) -> tuple[bytes, int]:
+    """A raw deflate stream of ``nbytes`` zeros and its CRC, fast: after a full flush the
+    compressor's state is reset, so every 16 MiB chunk compresses to the same bytes."""
+    chunk = bytes(1 << 24)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(nbytes // len(chunk)):
+        crc = zlib.crc32(chunk, crc)
+    return block * (nbytes // len(chunk)) + c.flush(), crc
+
+
+def _zip_by_hand(path, members):
+    """Write a zip from (name, payload, method, crc, uncompressed size): zipfile cannot take a
+    ready-made deflate stream."""
+    import struct
+
+    local, central = bytearray(), bytearray()
+    for name, payload, method, crc, usize in members:
+        n = name.encode()
+        head = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, len(payload), usize, len(n), 0)
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc, len(payload),
+                               usize, len(n), 0, 0, 0, 0, 0, len(local)) + n
+        local += head + n + payload
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(local), 0)
+    path.write_bytes(bytes(local + central + end))
+    return path
+
+
+def _write_bomb(path, declared: int, inflated: int):
+    """A storage declaring ``declared`` floats whose deflated member inflates to ``inflated`` bytes."""
+    raw, crc = _deflate_zeros(inflated)
+    buf = io.BytesIO()
+    _HandPickler(buf, protocol=2).dump({"w": _TensorRef(_StorageRef("0", declared), 0, (declared,), (1,))})
+    pkl = buf.getvalue()
+    return _zip_by_hand(path, [("archive/data.pkl", pkl, 0, zlib.crc32(pkl), len(pkl)),
+                               ("archive/byteorder", b"little", 0, zlib.crc32(b"little"), 6),
+                               ("archive/data/0", raw, 8, crc, inflated)])
+
+
+BOMB_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    from tokengraft.errors import TokengraftError
+    from tokengraft.checkpoint.safe_pickle import safe_load
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        safe_load(sys.argv[1])
+        code, msg = 0, "loaded"
+    except TokengraftError as e:
+        code, msg = e.exit_code, str(e)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{(peak - before) // 1024}")
+    print(msg, file=sys.stderr)
+    sys.exit(code)
+""")
+
+
+@pytest.mark.parametrize("declared_floats", [1 << 28, 1 << 20])
+def test_zip_bomb_stays_small(tmp_path, declared_floats):
+    # 1 GiB of zeros deflates to ~1 MB (what the issue saw: 1.5 MB -> 3.4 GB peak RSS). Declared as
+    # a 1 GiB storage it is over the budget for compressed members; declared as 4 MiB it is
+    # refused as inflating past its claim. Either way, before inflating.
+    p = _write_bomb(tmp_path / "bomb.pth", declared_floats, 1 << 30)
+    assert p.stat().st_size < 2_000_000
+    r = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(p)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "bomb" in err[0] and str(p) in err[0], r.stderr
+    grown_mb = int(r.stdout.strip())
+    assert grown_mb < 300, f"peak RSS grew by {grown_mb} MB reading a 1 MB file"
+
+
+def test_compressed_data_pkl_is_bounded(tmp_path, monkeypatch):
+    p = tmp_path / "pklbomb.pth"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps(["x" * (4 << 20)], protocol=2))
+    monkeypatch.setattr(safe_pickle, "COMPRESSED_BUDGET", 1 << 20)
+    assert "bomb" in one_line_error(lambda: safe_load(p))
+
+
+def test_an_honestly_compressed_file_still_loads(tmp_path):
+    # re-zipping a torch.save file with deflate (zip -r) is legal and small: it loads
+    w = torch.randn(5, 3)
+    torch.save({"w": w, "b": w[1]}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as src, \
+            zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    obj = safe_load(tmp_path / "deflated.pt")
+    assert torch.equal(obj["w"], w) and torch.equal(obj["b"], w[1])
+
+
+# ---------------------------------------------------------------- write back what was read
+
+HELPER_MODULE = textwrap.dedent('''
+    """Stand-ins for what mmengine/XTuner pickle into message_hub (never imported by tokengraft)."""
+    import enum
+    import numpy as np
+
+
+    class HistoryBuffer:                      # plain object: NEWOBJ + BUILD(__dict__)
+        def __init__(self, values=(), counts=()):
+            self._log_history = np.array(values, dtype=np.float64)
+            self._count_history = np.array(counts, dtype=np.int64)
+            self.max_length = 1000000
+
+
+    class WithState:                          # __getstate__/__setstate__
+        def __init__(self, x):
+            self.x = x
+
+        def __getstate__(self):
+            return {"packed": [self.x, self.x * 2]}
+
+        def __setstate__(self, state):
+            self.x = state["packed"][0]
+            self.restored = True
+
+
+    class Bag(list):                          # APPENDS on a custom class
+        pass
+
+
+    class Table(dict):                        # SETITEMS on a custom class
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.title = "t"
+
+
+    class Mode(enum.Enum):                    # REDUCE with (cls, (value,))
+        TRAIN = "train"
+
+
+    class FromParts:                          # REDUCE whose callable is a bound classmethod
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+        @classmethod
+        def make(cls, a, b):
+            return cls(a, b)
+
+        def __reduce__(self):
+            return (FromParts.make, (self.a, self.b))
+''')
+
+BUILD = textwrap.dedent('''
+    import collections, datetime, sys
+    import numpy as np, torch
+    import tgtest_helpers as h
+    w = torch.randn(7, 4)
+    obj = {
+        "meta": {"iter": 4, "time": datetime.datetime(2026, 11, 28, 18, 0, 0), "mode": h.Mode.TRAIN,
+                 "cfg": "model = dict(type='LLaVAModel')", "dtype": np.dtype("float32")},
+        "state_dict": collections.OrderedDict([("llm.embed.weight", w), ("llm.lm_head.weight", w),
+                                               ("half", torch.ones(3, dtype=torch.bfloat16)),
+                                               ("t", w.t()), ("row", w[2])]),
+        "message_hub": {
+            "log_scalars": {"train/loss": h.HistoryBuffer([1.5, 1.25], [1, 1])},
+            "runtime_info": {"iter": np.int64(4), "lr": np.float64(1e-3), "flag": np.bool_(True),
+                             "arr": np.arange(6, dtype=np.float32).reshape(2, 3)},
+            "resumed_keys": collections.OrderedDict(iter=True),
+        },
+        "other": [h.WithState(3), h.Bag([1, "two", np.float32(3.0)]), h.Table(a=1, b=[2]),
+                  h.FromParts(5, "six"), collections.defaultdict(list, {"k": [1]}),
+                  {1, 2}, frozenset({3}), (1, (2, 3)), b"bytes", None, 1.5],
+    }
+    obj["alias"] = obj["message_hub"]["log_scalars"]["train/loss"]  # shared reference
+    torch.save(obj, sys.argv[1])
+''')
+
+COMPARE = textwrap.dedent('''
+    import collections, enum, sys
+    import numpy as np, torch
+
+    def same(a, b, path="obj"):
+        assert type(a) is type(b), (path, type(a), type(b))
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), path
+            assert torch.equal(a, b), path
+        elif isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype and np.array_equal(a, b), path
+        elif isinstance(a, dict):
+            assert list(a) == list(b), (path, list(a), list(b))
+            for k in a:
+                same(a[k], b[k], f"{path}[{k!r}]")
+            if isinstance(a, collections.defaultdict):
+                assert a.default_factory is b.default_factory, path
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), path
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{path}[{i}]")
+        elif not hasattr(a, "__dict__") or isinstance(a, (type, enum.Enum)):
+            assert a == b, (path, a, b)
+        if hasattr(a, "__dict__") and not isinstance(a, (type, enum.Enum)):
+            same(vars(a), vars(b), path + ".__dict__")
+
+    ref = torch.load(sys.argv[1], weights_only=False)
+    out = torch.load(sys.argv[2], weights_only=False)
+    same(ref, out)
+    sd = out["state_dict"]
+    # shared storage and shared objects survive the round trip
+    assert sd["llm.embed.weight"].data_ptr() == sd["llm.lm_head.weight"].data_ptr() == sd["t"].data_ptr()
+    assert out["alias"] is out["message_hub"]["log_scalars"]["train/loss"]
+    assert out["other"][0].restored and type(out["other"][1]).__name__ == "Bag"
+    print("SAME")
+''')
+
+
+def _helper_env(tmp_path):
+    helpers = tmp_path / "helpers"
+    helpers.mkdir()
+    (helpers / "tgtest_helpers.py").write_text(HELPER_MODULE)
+    return helpers
+
+
+def _run_with_helpers(helpers, script, *args):
+    import os
+
+    env = dict(os.environ, PYTHONPATH=f"{helpers}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_safe_save_writes_back_the_same_objects(tmp_path):
+    pytest.importorskip("numpy")
+    helpers = _helper_env(tmp_path)
+    src, out = tmp_path / "iter_4.pth", tmp_path / "iter_4_out.pth"
+    r = _run_with_helpers(helpers, BUILD, src)
+    assert r.returncode == 0, r.stderr
+    before = src.read_bytes()
+
+    # here the helper module is not importable: everything custom stays inert and is written back
+    assert "tgtest_helpers" not in sys.modules
+    obj = safe_load(src)
+    assert repr(obj["message_hub"]["log_scalars"]["train/loss"]) == "<inert tgtest_helpers.HistoryBuffer>"
+    assert obj["alias"] is obj["message_hub"]["log_scalars"]["train/loss"]
+    safe_save(obj, out)
+    assert "tgtest_helpers" not in sys.modules
+    assert src.read_bytes() == before  # the input is untouched
+
+    r = _run_with_helpers(helpers, COMPARE, src, out)
+    assert r.returncode == 0 and "SAME" in r.stdout, r.stderr[-3000:]
+    # the comparison can fail: an edited tree is noticed
+    obj["message_hub"]["runtime_info"]["iter"].args = obj["message_hub"]["runtime_info"]["lr"].args
+    safe_save(obj, out)
+    r = _run_with_helpers(helpers, COMPARE, src, out)
+    assert r.returncode != 0 and "AssertionError" in r.stderr
+
+
+def test_safe_save_round_trips_edits_and_tensors(tmp_path):
+    w = torch.randn(6, 3)
+    torch.save({"state_dict": {"emb": w, "head": w}, "optimizer": {"state": {0: {"step": torch.tensor(4.0)}},
+                                                                     "param_groups": [{"lr": 0.1, "params": [0]}]}},
+               tmp_path / "a.pth")
+    obj = safe_load(tmp_path / "a.pth")
+    obj["state_dict"]["emb"] = torch.cat([obj["state_dict"]["emb"], torch.zeros(2, 3)])  # a remap adds rows
+    safe_save(obj, tmp_path / "b.pth")
+    back = torch.load(tmp_path / "b.pth", weights_only=True)  # plain content stays weights_only-loadable
+    assert back["state_dict"]["emb"].shape == (8, 3) and torch.equal(back["state_dict"]["head"], w)
+    assert back["optimizer"]["state"][0]["step"].item() == 4.0
+    assert oct((tmp_path / "b.pth").stat().st_mode & 0o777) != oct(0o600)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_write_back_never_runs_the_recorded_globals(tmp_path):
+    hit = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {hit}",))
+
+    torch.save({"w": torch.ones(2), "evil": Evil()}, tmp_path / "evil.pt")
+    obj = safe_load(tmp_path / "evil.pt")
+    safe_save(obj, tmp_path / "evil_out.pt")
+    assert not hit.exists()
+    again = safe_load(tmp_path / "evil_out.pt")  # the same inert global, still not run
+    assert repr(again["evil"]) == repr(obj["evil"]) and again["evil"].args == obj["evil"].args
+    assert not hit.exists()
