@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -91,6 +92,68 @@ def _remote_code_guard(folder, e: ValueError) -> None:
                           f"code (auto_map), which tokengraft never runs") from None
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def require_weights(path) -> None:
+    """A folder with config.json but no weights file: one line, before transformers is asked."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise FolderError(f"{path}: has config.json but no weights ({', '.join(WEIGHT_FILES[:3])}); pass the "
+                          f"complete folder model.save_pretrained(DIR) wrote")
+
+
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
+                      "lm_head.weight", "embed_out.weight", "output.weight")
+_HEADER_CAP = 100 << 20  # a safetensors header beyond this is not a model's
+
+
+def _safetensors_shapes(path: Path) -> dict:
+    """{tensor name: shape} from a safetensors file's JSON header (no tensor data read)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= _HEADER_CAP:
+            raise FolderError(f"{path}: not a readable safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise FolderError(f"{path}: not a readable safetensors file (damaged header)") from None
+    if not isinstance(header, dict):
+        raise FolderError(f"{path}: not a readable safetensors file (header is not a JSON object)")
+    return {k: v.get("shape") for k, v in header.items() if isinstance(v, dict)}
+
+
+def check_rows_match(path, cfg: dict) -> None:
+    """config.json's vocab_size against the embedding/head rows in the safetensors headers: a
+    mismatch is one line naming both numbers (transformers would raise a long RuntimeError)."""
+    from .hf import config_rows
+
+    path = Path(path)
+    rows = config_rows(cfg)
+    if rows is None:
+        return
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise FolderError(f"{index}: not a valid safetensors index (no weight_map)") from None
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        return  # .bin weights: transformers' own check, turned into one line in load_folder
+    for shard in shards:
+        f = path / shard
+        if not f.is_file():
+            raise FolderError(f"{f}: listed in {index.name} but missing")
+        for name, shape in _safetensors_shapes(f).items():
+            if (name.endswith(EMBEDDING_SUFFIXES) and isinstance(shape, list) and len(shape) == 2
+                    and shape[0] != rows):
+                raise FolderError(f"{path}: config.json says vocab_size {rows} but {name} in {shard} has "
+                                  f"{shape[0]} rows; use the config.json saved with these weights")
+
+
 def load_folder(path, dtype=None):
     """(model, tokenizer, processor or None, manifest or None) from a folder."""
     import torch
@@ -98,7 +161,12 @@ def load_folder(path, dtype=None):
 
     path = Path(path)
     cfg = read_config(path)
+    if cfg.get("model_type") == "internlm2":  # built-in bridge (internlm2.py): the folder's code never runs
+        from . import internlm2
+        return internlm2.load_folder(path, dtype)
     refuse_remote_code(path, cfg)
+    require_weights(path)
+    check_rows_match(path, cfg)
     manifest = Manifest.find(path)  # a broken manifest is an error before the slow load
     dtype = dtype or torch.float32
     processor = None
@@ -114,6 +182,14 @@ def load_folder(path, dtype=None):
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except ValueError as e:
         _remote_code_guard(path, e)
+        raise
+    except pickle.UnpicklingError:  # torch's weights_only loader refused it: nothing of it ran
+        raise FolderError(f"{path}: a .bin weights file holds something other than tensors (code to run, or "
+                          f"a damaged pickle); refused without running it; use safetensors weights") from None
+    except RuntimeError as e:
+        if "mismatched" in str(e) or "size mismatch" in str(e):
+            raise FolderError(f"{path}: config.json does not match the weights' shapes (vocab_size or hidden "
+                              f"size); use the config.json saved with these weights") from None
         raise
     return model, tokenizer, processor, manifest
 
@@ -163,6 +239,19 @@ def check_output(out, inputs: dict | None = None, overwrite: bool = False) -> Pa
                               f"--overwrite never replaces such a folder: remove it yourself or choose "
                               f"another output folder")
     return out
+
+
+def check_writable(out) -> None:
+    """Before slow work: the output's nearest existing parent takes a new folder (a read-only file
+    system, missing permission or a full disk fail here as one OSError line, not after minutes)."""
+    parent = Path(out).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{Path(out).name}.probe-", dir=parent))
+    except OSError as e:
+        raise FolderError(f"{out}: cannot create a folder in {parent} ({e.strerror or e}); choose a "
+                          f"writable output location") from None
 
 
 _TEMP = re.compile(r"\.(tmp|old)-(\d+)-")

@@ -49,9 +49,10 @@ def add_max_shard_size(p):
 def check_inputs(output, overwrite: bool, inputs: dict) -> None:
     """Before any slow work: refuse an output that would touch an input or a folder tokengraft did
     not write, and any input folder that would need its own Python code to load."""
-    from ..io import check_output, refuse_remote_code
+    from ..io import check_output, check_writable, refuse_remote_code
 
     check_output(output, inputs, overwrite)
+    check_writable(output)
     for p in inputs.values():
         if p:
             refuse_remote_code(p)
