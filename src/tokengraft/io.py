@@ -74,11 +74,9 @@ def refuse_remote_code(folder, cfg: dict | None = None) -> None:
         return
     cfg = read_config(folder) if cfg is None else cfg
     mt = cfg.get("model_type")
+    if mt == "internlm2":  # read by the built-in bridge (internlm2.py); its *.py files are data
+        return
     if "auto_map" in cfg and not _known_model_type(mt):
-        if mt == "internlm2":
-            raise FolderError(f"{folder}: an InternLM2 model that ships its own Python code (auto_map); "
-                              f"tokengraft never runs a folder's code and InternLM2 support is not "
-                              f"built in yet")
         raise FolderError(f"{folder}: config.json has auto_map and model_type {mt!r}, which this "
                           f"transformers does not know; loading it would run the folder's own Python "
                           f"code, which tokengraft never does (convert it to a built-in architecture)")
