@@ -1,0 +1,289 @@
+"""The InternLM2 bridge: an InternLM2 folder (real SmolLM2 weights packed into InternLM2's layout, a
+real sentencepiece tokenizer, planted remote code) read as Llama, tokenized as InternLM2 does, and
+written back bit-exactly. The folder's Python files must never run (a marker file would appear)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from internlm2_fixture import SPECIALS, build_internlm2, marker_path, reference_logits
+from tokengraft import internlm2
+from tokengraft.errors import TokengraftError
+
+pytest.importorskip("sentencepiece")
+
+ROPE = {"type": "linear", "factor": 2.0}  # exercised by the hand-written forward too
+
+
+@pytest.fixture(scope="session")
+def internlm2_dir(smollm2_dir, mistral_v1_dir, tmp_path_factory):
+    """Read-only InternLM2 folder (4 real SmolLM2 layers, 32,006 rows, bf16). Never write into it."""
+    return build_internlm2(smollm2_dir, mistral_v1_dir, tmp_path_factory.mktemp("il2") / "internlm2", layers=4,
+                           rope_scaling=ROPE)
+
+
+@pytest.fixture(scope="session")
+def bridged(internlm2_dir):
+    return internlm2.load_folder(internlm2_dir)
+
+
+@pytest.fixture(autouse=True)
+def no_remote_code(request):
+    yield
+    if "internlm2_dir" in request.fixturenames:
+        d = request.getfixturevalue("internlm2_dir")
+        assert not marker_path(d).exists(), f"a planted remote-code file ran: {marker_path(d).read_text()}"
+
+
+def zen() -> str:
+    import this
+
+    return "".join(this.d.get(c, c) for c in this.s)
+
+
+def prose() -> list[str]:
+    from tokengraft.probe import heldout_text, real_text
+
+    return [zen(), *real_text()[:3], *heldout_text()[:3],
+            "def f(x):\n    if x:\n        return  x  # two spaces\n\treturn None\n",
+            "<|im_start|>user\nWhat is in  the image?<|im_end|>\n<|im_start|>assistant\n",
+            " leading space, trailing   ", "naïve café, 日本語, emoji 😀, math ∑∫"]
+
+
+def sp_reference(sp_file, text: str, specials: dict[str, int]) -> list[int]:
+    """InternLM2Tokenizer's algorithm from the sentencepiece library itself: bos, then the text cut at
+    its special tokens (``specials``: content -> id), every other stretch ``SentencePieceProcessor.encode``d."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+    ids = [sp.bos_id()]
+    for chunk in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if chunk:
+            ids += [specials[chunk]] if chunk in specials else sp.encode(chunk)
+    return ids
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+def test_bridged_logits_equal_a_forward_from_the_packed_weights(internlm2_dir, bridged):
+    model, tok, processor, manifest = bridged
+    assert type(model).__name__ == "LlamaForCausalLM" and processor is None
+    c = model.config
+    assert (c.num_key_value_heads, c.num_attention_heads, c.tie_word_embeddings) == (3, 9, False)
+    assert c.rope_parameters["rope_type"] == "linear" and c.rope_parameters["factor"] == 2.0
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    text = "<|im_start|>user\n" + zen()[:400] + "<|im_end|>\n"
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > 80 and SPECIALS and 32005 in ids[0].tolist()
+    with torch.no_grad():
+        got = model(ids).logits[0]
+    ref = reference_logits(internlm2_dir, ids[0])
+    assert ref.abs().max() > 1.0  # a real signal, not zeros
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert manifest.history[-1]["op"] == "bridge" and manifest.history[-1]["source_arch"] == "internlm2"
+    assert manifest.rows == 32006 and manifest.tied is False
+
+
+def test_bin_weights_are_read_without_torch_load(internlm2_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    for f in internlm2_dir.iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(internlm2_dir / "model.safetensors"))
+    torch.save(sd, d / "pytorch_model.bin")
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.load must not read a model folder's pickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    got = internlm2.read_weights(d)
+    assert sorted(got) == sorted(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_maps_are_inverse_and_refuse_unknown_keys():
+    cfg = {"model_type": "internlm2", "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_hidden_layers": 1, "intermediate_size": 48, "vocab_size": 10}
+    g = torch.Generator().manual_seed(0)
+    sd = {"model.tok_embeddings.weight": torch.randn(10, 32, generator=g),
+          "model.layers.0.attention.wqkv.weight": torch.randn(2 * (2 + 2) * 8, 32, generator=g),
+          "model.layers.0.attention.wo.weight": torch.randn(32, 32, generator=g),
+          "model.layers.0.feed_forward.w1.weight": torch.randn(48, 32, generator=g),
+          "model.layers.0.feed_forward.w2.weight": torch.randn(32, 48, generator=g),
+          "model.layers.0.feed_forward.w3.weight": torch.randn(48, 32, generator=g),
+          "model.layers.0.attention_norm.weight": torch.randn(32, generator=g),
+          "model.layers.0.ffn_norm.weight": torch.randn(32, generator=g),
+          "model.norm.weight": torch.randn(32, generator=g), "output.weight": torch.randn(10, 32, generator=g)}
+    llama = internlm2.to_llama(sd, cfg)
+    w = sd["model.layers.0.attention.wqkv.weight"].view(2, 4, 8, 32)  # kv head 1: q heads 2, 3, then k, v
+    assert torch.equal(llama["model.layers.0.self_attn.q_proj.weight"][24:32], w[1, 1])
+    assert torch.equal(llama["model.layers.0.self_attn.k_proj.weight"][8:16], w[1, 2])
+    assert torch.equal(llama["model.layers.0.self_attn.v_proj.weight"][0:8], w[0, 3])
+    back = internlm2.from_llama(llama, cfg)
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(TokengraftError, match="attention.wqkv.bias"):
+        internlm2.to_llama({**sd, "model.layers.0.attention.wqkv.bias": torch.zeros(64)}, cfg)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"bias": True}, "'bias'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'rope_scaling'"),
+    ({"tie_word_embeddings": True}, "'tie_word_embeddings'"),
+])
+def test_what_llama_cannot_represent_is_refused_by_field(internlm2_dir, tmp_path, change, field):
+    d = tmp_path / "m"
+    d.mkdir()
+    cfg = json.loads((internlm2_dir / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(TokengraftError) as e:
+        internlm2.load_folder(d)
+    msg = str(e.value)
+    assert field in msg and "\n" not in msg and str(d) in msg
+
+
+# -- the tokenizer ----------------------------------------------------------------------------------
+
+def test_tokenizer_encodes_as_sentencepiece_does(internlm2_dir, bridged, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = bridged[1]
+    specials = {**{c: 32000 + off for c, off in SPECIALS.items()}, "<s>": 1, "</s>": 2, "<unk>": 0}
+    sp_file = internlm2_dir / "tokenizer.model"
+    tok.save_pretrained(tmp_path / "tok")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for text in prose():
+        want = sp_reference(sp_file, text, specials)
+        assert tok(text)["input_ids"] == want, text[:60]
+        assert reloaded(text)["input_ids"] == want, text[:60]
+    # whitespace runs, digits, byte fallback and specials in every arrangement
+    rng = random.Random(0)
+    alphabet = list(" \n\t  abcXYZ.,:'-_0123456789éü日本😀") + list(SPECIALS) + ["   ", "\n\n", "the", "ing "]
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert tok(text)["input_ids"] == sp_reference(sp_file, text, specials), repr(text)
+
+
+def test_tokenizer_keeps_internlm2_special_tokens_and_template(bridged):
+    tok = bridged[1]
+    assert len(tok) == 32006
+    for content, off in SPECIALS.items():
+        assert tok.convert_tokens_to_ids(content) == 32000 + off
+        assert tok.added_tokens_decoder[32000 + off].special
+    ids = tok("<|im_start|>user\nhi<|im_end|>")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True).strip() == "user\nhi"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+
+
+def test_added_tokens_appended_after_the_pieces(internlm2_dir, mistral_v1_dir, tmp_path):
+    """A tokenizer.model without InternLM2's pieces: added_tokens_decoder entries follow it, at their ids."""
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes((mistral_v1_dir / "tokenizer.model").read_bytes())
+    tc = json.loads((internlm2_dir / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    tok = internlm2.load_tokenizer(d)
+    assert [tok.convert_tokens_to_ids(c) for c in SPECIALS] == list(range(32000, 32006))
+    text = "<|im_start|>user\n" + zen()[:200] + "<|im_end|>\n"
+    assert tok(text)["input_ids"] == sp_reference(d / "tokenizer.model", text,
+                                                  {c: 32000 + off for c, off in SPECIALS.items()})
+    tc["added_tokens_decoder"]["32010"] = tc["added_tokens_decoder"].pop("32005")  # a gap
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(TokengraftError, match="32010"):
+        internlm2.load_tokenizer(d)
+
+
+# -- writing back -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_round_trip_is_bit_exact(internlm2_dir, tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    model, tok, _, manifest = internlm2.load_folder(internlm2_dir, dtype)
+    out = internlm2.save_folder(model, tok, tmp_path / "rt", internlm2_dir, manifest=manifest)
+    a, b = load_file(str(internlm2_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for f in internlm2_dir.iterdir():  # config (auto_map), tokenizer files, remote code: all as they were
+        if f.name != "model.safetensors":
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    written = json.loads((out / "tokengraft.json").read_text())
+    assert written["history"][-1]["layout"] == "internlm2"
+
+
+def test_new_tokens_are_written_into_the_internlm2_layout(internlm2_dir, bridged, tmp_path):
+    import copy
+
+    from safetensors.torch import load_file
+
+    from tokengraft.graft import graft
+
+    model, tok, _, manifest = (copy.deepcopy(x) for x in bridged)
+    manifest = graft(model, tok, ["<box>", "</box>", "<ref>"], manifest=manifest)
+    out = internlm2.save_folder(model, tok, tmp_path / "g", internlm2_dir, manifest=manifest)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 32064 and cfg["auto_map"] and cfg["model_type"] == "internlm2"
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    assert {tc["added_tokens_decoder"][str(i)]["content"] for i in (32006, 32007, 32008)} == {"<box>", "</box>", "<ref>"}
+    assert "<box>" in tc["additional_special_tokens"]
+    assert (out / "tokenizer.model").read_bytes() == (internlm2_dir / "tokenizer.model").read_bytes()
+    # every tensor is the grafted model's, packed, in the original dtype
+    want = {k: v.to(torch.bfloat16) for k, v in internlm2.from_llama(model.state_dict(), cfg).items()}
+    got = load_file(str(out / "model.safetensors"))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    m2, t2, _, man2 = internlm2.load_folder(out)
+    text = "a <box>1 2</box> <ref>the cat</ref>"
+    assert t2(text)["input_ids"] == tok(text)["input_ids"] and t2.convert_tokens_to_ids("<ref>") == 32008
+    assert [h["op"] for h in man2.history][-3:] == ["add", "layout", "bridge"]
+    assert [t.content for t in man2.tokens] == ["<box>", "</box>", "<ref>"]
+
+
+def test_save_refuses_a_model_of_another_shape(internlm2_dir, smollm2, tmp_path):
+    model, tok = smollm2
+    with pytest.raises(TokengraftError, match="num_hidden_layers 30 vs 4"):
+        internlm2.save_folder(model, tok, tmp_path / "x", internlm2_dir)
+    assert not (tmp_path / "x").exists()
+
+
+# -- the commands -----------------------------------------------------------------------------------
+
+def _cli(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "tokengraft", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_cli_add_then_doctor(internlm2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "added"
+    r = _cli("add", internlm2_dir, "--tokens", "<box>,</box>,<ref>", "-o", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("doctor", out)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    man = json.loads((out / "tokengraft.json").read_text())
+    assert [h["op"] for h in man["history"]] == ["bridge", "add"]
+    assert man["history"][0]["source_arch"] == "internlm2"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "auto_map" not in cfg
+    assert not list(out.glob("*.py"))
+    # plain transformers reads the output; on text without the new tokens it computes what InternLM2 did
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(zen()[:300], return_tensors="pt").input_ids
+    with torch.no_grad():
+        got = model(ids).logits[0, :, :32006]
+    assert (got - reference_logits(internlm2_dir, ids[0])).abs().max().item() <= 1e-4
+    assert tok.convert_tokens_to_ids("<ref>") == 32008
