@@ -239,3 +239,27 @@ def test_optimizer_moments_matched_by_parameter_order(tmp_path, smollm2_dir):
     assert opt["state"][2]["exp_avg"].shape == (n + 1, h)
     assert torch.all(opt["state"][2]["exp_avg"][:n] == 3.0) and torch.all(opt["state"][2]["exp_avg"][n] == 0)
     assert torch.equal(opt["state"][1]["exp_avg"], state[1]["exp_avg"]) and opt["state"][0]["step"] == 7
+
+
+def test_import_xtuner_extra_trained_rows_need_tokens(tmp_path, mistral_v1_dir):
+    """An XTuner checkpoint whose LLM was resized by 3 rows (trained, saved in full) and no --tokens:
+    the rows belong to tokens only the user can name, so refuse and say --tokens."""
+    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+    tok = AutoTokenizer.from_pretrained(mistral_v1_dir)
+    lm = tiny_llama(tok, hidden=32)
+    lm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, image_size=32, patch_size=8))
+    clip.save_pretrained(tmp_path / "clip")
+    lm.resize_token_embeddings(len(tok) + 3, mean_resizing=False)
+    sd = {f"llm.{k}": v.detach().clone() for k, v in lm.state_dict().items()}
+    sd.update({"projector.model.0.weight": torch.randn(64, 32), "projector.model.0.bias": torch.zeros(64),
+               "projector.model.2.weight": torch.randn(32, 64), "projector.model.2.bias": torch.zeros(32)})
+    torch.save({"meta": {"iter": 3}, "state_dict": sd}, tmp_path / "iter_3.pth")
+    out = tmp_path / "out"
+    line = refused("import-xtuner", [tmp_path / "iter_3.pth", tmp_path / "llm", tmp_path / "clip"], out,
+                   tmp_path / "iter_3.pth", "--llm", tmp_path / "llm", "--visual-encoder", tmp_path / "clip",
+                   "-o", out)
+    assert "--tokens" in line and "3 trained vocabulary row(s)" in line

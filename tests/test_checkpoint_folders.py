@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_checkpoint_helpers import word_tokenizer, words
+from checkpoint_helpers import word_tokenizer, words
 
 from tokengraft.checkpoint import read_state_dict
 from tokengraft.checkpoint.convert import convert

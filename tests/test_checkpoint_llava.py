@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_checkpoint_helpers import word_tokenizer, words
+from checkpoint_helpers import word_tokenizer, words
 
 from tokengraft.checkpoint import load_checkpoint
 from tokengraft.checkpoint.convert import convert

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from test_checkpoint_helpers import word_tokenizer, words
+from checkpoint_helpers import word_tokenizer, words
 
 from tokengraft.checkpoint import CheckpointError, UnsafeCheckpointError, read_state_dict, safe_load
 from tokengraft.checkpoint.remap import RemapError, remap_state_dict

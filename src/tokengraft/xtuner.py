@@ -22,21 +22,18 @@ The import, in order:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from .errors import TokengraftError
+
+from .checkpoint.errors import XTunerError
+from .checkpoint.lora import lora_ranks, merge_lora, merge_peft, unwrap_peft_names
+from .checkpoint.xtuner_layout import lora_setting, read_xtuner, split_export, split_parts
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 XTUNER_FEATURE_LAYER = -2  # XTuner's LLaVAModel: visual_select_layer=-2, features[:, 1:] (CLS dropped)
-PREFIXES = ("llm.", "projector.", "visual_encoder.")
-
-
-class XTunerError(TokengraftError):
-    """A bad or unsupported XTuner artifact: says what, where, and what to do."""
 
 
 @dataclass
@@ -66,122 +63,32 @@ class ImportReport:
         return out
 
 
-# -- reading XTuner artifacts ------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    """Where each part comes from, and the checkpoint's tensors per part."""
 
-def read_xtuner(path) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
-    """(state dict with XTuner names, the run's config text or None, notes) from an ``iter_N.pth``
-    file or a DeepSpeed folder. Never runs code from the file (tokengraft.checkpoint's safe readers)."""
-    from .checkpoint import read_state_dict
-
-    sd, info = read_state_dict(path)
-    cfg = None
-    meta = (info.container or {}).get("meta") if isinstance(info.container, dict) else None
-    if isinstance(meta, dict) and isinstance(meta.get("cfg"), str):
-        cfg = meta["cfg"]
-    unknown = sorted({k.split(".", 1)[0] for k in sd if not k.startswith(PREFIXES)})
-    if unknown:
-        raise XTunerError(f"{path}: keys under {unknown} are not XTuner LLaVA names (expected llm., projector., "
-                          f"visual_encoder.); is this an XTuner LLaVA checkpoint?")
-    notes = list(info.notes)
-    if info.inert:
-        notes.append(f"{len(info.inert)} non-tensor object type(s) in the file were left inert (never run): "
-                     + ", ".join(info.inert[:4]))
-    return sd, cfg, notes
+    src: Path | None
+    llm: object
+    visual_encoder: object
+    llm_adapter: object
+    visual_encoder_adapter: object
+    parts: dict
+    cfg_text: str | None
+    notes: list[str]
 
 
-def split_parts(sd: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """{"llm": {...}, "projector": {...}, "visual_encoder": {...}} with the prefixes removed."""
-    parts: dict[str, dict] = {p[:-1]: {} for p in PREFIXES}
-    for k, v in sd.items():
-        head, rest = k.split(".", 1)
-        parts[head][rest] = v
-    return parts
+@dataclass
+class _LLM:
+    """The language model with the checkpoint applied, and what the graft step needs to know."""
 
-
-def lora_setting(cfg_text: str | None, block: str) -> dict:
-    """``lora_alpha``/``r``/``use_rslora`` of the ``llm_lora=dict(...)`` (or ``visual_encoder_lora``)
-    block of an mmengine config dump. Parsed as text: the config is never executed."""
-    if not cfg_text:
-        return {}
-    m = re.search(rf"\b{block}\s*=\s*dict\(", cfg_text)
-    if not m:
-        return {}
-    depth, i = 1, m.end()
-    while i < len(cfg_text) and depth:
-        depth += {"(": 1, ")": -1}.get(cfg_text[i], 0)
-        i += 1
-    body = cfg_text[m.end():i]
-    out = {}
-    for name, cast in (("lora_alpha", float), ("r", int)):
-        v = re.search(rf"\b{name}\s*=\s*([0-9.]+)", body)
-        if v:
-            out[name] = cast(v.group(1))
-    out["use_rslora"] = bool(re.search(r"\buse_rslora\s*=\s*True", body))
-    return out
-
-
-# -- LoRA (pure tensor functions) ----------------------------------------------------------------
-
-_LORA = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.weight)?$")
-
-
-def unwrap_peft_names(part: dict) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """Split a peft-wrapped state dict (``base_model.model.X``) into plain tensors (X.weight, with
-    ``base_layer`` / ``modules_to_save.default`` unwrapped) and LoRA pairs per module X."""
-    plain, lora = {}, {}
-    for k, v in part.items():
-        m = _LORA.match(k)
-        if m:
-            lora.setdefault(m.group(1), {})[m.group(2)] = v
-            continue
-        if "lora_magnitude_vector" in k:
-            raise XTunerError(f"{k}: DoRA adapters are not supported; merge them with peft first")
-        if k.startswith("base_model.model."):
-            k = k[len("base_model.model."):]
-            if ".original_module." in k:
-                continue  # the frozen copy beside modules_to_save: the trained copy wins
-            k = k.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-        plain[k] = v
-    return plain, lora
-
-
-def merge_lora(weights: dict[str, torch.Tensor], lora: dict[str, dict[str, torch.Tensor]], alpha: float | None,
-               use_rslora: bool = False, where: str = "llm") -> str:
-    """Add ``scale * B @ A`` to each ``<module>.weight`` tensor of ``weights``, in place (so a
-    module's ``state_dict()`` merges into the module without a second copy of the weights).
-    Embedding LoRA (``lora_embedding_A`` r x vocab, ``B`` hidden x r) adds ``(B @ A).T``."""
-    if not lora:
-        return ""
-    ranks = set()
-    for mod, ab in lora.items():
-        a = ab.get("lora_A", ab.get("lora_embedding_A"))
-        b = ab.get("lora_B", ab.get("lora_embedding_B"))
-        if a is None or b is None:
-            raise XTunerError(f"{where}: LoRA of {mod} has only {sorted(ab)}; the checkpoint is incomplete")
-        ranks.add(a.shape[0])
-    if alpha is None:
-        raise XTunerError(f"{where}: the checkpoint holds LoRA weights (rank {sorted(ranks)}) but no config says "
-                          f"lora_alpha; pass --{'visual-' if where != 'llm' else ''}lora-alpha (XTuner's LLaVA "
-                          f"configs use 256 for the LLM, 16 for the visual encoder)")
-    for mod, ab in lora.items():
-        key = f"{mod}.weight"
-        if key not in weights:
-            raise XTunerError(f"{where}: LoRA on {mod}, but the model has no {key}")
-        w = weights[key]
-        if "lora_A" in ab:
-            a, b = ab["lora_A"].float(), ab["lora_B"].float()
-            r = a.shape[0]
-            delta = b @ a
-        else:
-            a, b = ab["lora_embedding_A"].float(), ab["lora_embedding_B"].float()
-            r = a.shape[0]
-            delta = (b @ a).T
-        scale = alpha / (r ** 0.5 if use_rslora else r)
-        if delta.shape != w.shape:
-            raise XTunerError(f"{where}: LoRA of {mod} gives {tuple(delta.shape)}, the weight is {tuple(w.shape)}")
-        with torch.no_grad():
-            w.add_((scale * delta).to(w.dtype))
-    return f"{where}: {len(lora)} module(s), rank {sorted(ranks)}, alpha {alpha:g}"
+    tok: object
+    lm: object
+    n_base: int  # tokens of the LLM's tokenizer
+    rows_ck: int | None  # vocabulary rows of the checkpoint
+    tied: bool
+    trained_in: bool  # the checkpoint saved the embedding's full rows
+    trained_out: bool  # ... and the head's
+    merged: str
 
 
 # -- the import --------------------------------------------------------------------------------
@@ -208,26 +115,13 @@ def _apply(module, plain: dict, lora: dict, alpha, use_rslora: bool, where: str)
     """Copy the checkpoint's full tensors into ``module``, then merge its LoRA pairs, in place."""
     if plain:
         _load_into(module, plain, where)
-    return merge_lora(module.state_dict(), lora, alpha, use_rslora, where) if lora else ""
-
-
-def _merge_peft_folder(model, adapter, where):
-    from peft import PeftModel
-
-    a = Path(adapter)
-    if not (a / "adapter_config.json").is_file():
-        raise XTunerError(f"{a}: no adapter_config.json; expected XTuner's {where}_adapter/ (a PEFT adapter folder)")
-    try:
-        return PeftModel.from_pretrained(model, str(a)).merge_and_unload()
-    except RuntimeError as e:
-        raise XTunerError(f"{a}: the adapter does not fit the {where} ({str(e).strip().splitlines()[-1]})") from None
-
-
-def _split_export(folder: Path) -> dict:
-    """XTuner's `pth_to_hf --save-format xtuner` layout, found inside ``folder``."""
-    found = {n: folder / n for n in ("llm", "llm_adapter", "projector", "visual_encoder", "visual_encoder_adapter")
-             if (folder / n).is_dir()}
-    return found
+    if not lora:
+        return ""
+    if alpha is None:
+        raise XTunerError(f"{where}: the checkpoint holds LoRA weights (rank {lora_ranks(lora, where)}) but no config "
+                          f"says lora_alpha; pass --{'visual-' if where != 'llm' else ''}lora-alpha (XTuner's LLaVA "
+                          f"configs use 256 for the LLM, 16 for the visual encoder)")
+    return merge_lora(module.state_dict(), lora, alpha, use_rslora, where)
 
 
 def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None, llm_adapter=None,
@@ -241,12 +135,8 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     are passed one by one. ``llm``: the HF folder the run was built on (base of ``llm_adapter``).
     ``visual_encoder``: the CLIP folder. ``tokens``: the user's tokens, in the order XTuner added
     them (rows beyond the LLM's tokenizer are matched to them by that order)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
-
-    from .export import DTYPES
-    from .graft import graft, parse_tokens
-    from .hf import is_tied, rows_of
-    from .io import atomic_folder
+    from .graft import parse_tokens
+    from .hf import DTYPES, is_tied, rows_of
 
     if dtype not in DTYPES:
         raise XTunerError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -254,9 +144,29 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     if out.exists() and not overwrite:
         raise XTunerError(f"{out}: already exists; choose another output folder or pass --overwrite")
     user = parse_tokens(tokens, tokens_file)
-    for s in user:
-        if s.content in (IMAGE_TOKEN,):
-            raise XTunerError(f"token {s.content!r} is added by the import itself; remove it from --tokens")
+    if any(s.content == IMAGE_TOKEN for s in user):
+        raise XTunerError(f"token {IMAGE_TOKEN!r} is added by the import itself; remove it from --tokens")
+    inp = _inputs(source, llm, visual_encoder, projector, llm_adapter, visual_encoder_adapter)
+    loaded: dict[str, int] = {}
+    L = _language_model(inp, user, tokenizer, lora_alpha, loaded)                     # 1. + 2.
+    clip, vmerged = _vision_tower(inp, visual_lora_alpha, loaded)
+    model = _assemble(L.lm, clip, inp.parts["projector"], L.tied)                      # 3.
+    loaded["projector"] = len(inp.parts["projector"])
+    manifest, ids, keep, img_id = _graft_tokens(model, L, user, inp.notes)             # 4.
+    processor = _processor(inp.visual_encoder, clip.config, L.tok)                     # 5.
+    merged = [m for m in (L.merged, vmerged) if m]
+    _save(model, L.tok, processor, manifest, out, inp, merged, DTYPES[dtype], overwrite, max_shard_size)
+    report = ImportReport(out=str(out), rows=rows_of(model), tokenizer_size=len(L.tok),
+                          tied=is_tied(model), image_token_id=img_id, pad_token_id=L.tok.pad_token_id, tokens=ids,
+                          kept_trained_rows=[c for c, (a, b) in keep.items() if a is not None or b is not None],
+                          merged_lora=merged, loaded=loaded, notes=inp.notes)
+    for line in report.lines():
+        log(line)
+    return report
+
+
+def _inputs(source, llm, visual_encoder, projector, llm_adapter, visual_encoder_adapter) -> _Inputs:
+    """Every part's origin: a checkpoint file/folder, XTuner's split export, or parts passed one by one."""
     notes: list[str] = []
     parts = {"llm": {}, "projector": {}, "visual_encoder": {}}
     cfg_text = None
@@ -264,7 +174,7 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     if src is not None:
         if not src.exists():
             raise FileNotFoundError(f"{src}: no such file or folder")
-        split = _split_export(src) if src.is_dir() and not (src / "mp_rank_00_model_states.pt").is_file() else {}
+        split = split_export(src) if src.is_dir() and not (src / "mp_rank_00_model_states.pt").is_file() else {}
         if split:  # a full merged llm/ wins; llm_adapter/ needs --llm as its base
             llm = split.get("llm", llm)
             llm_adapter = llm_adapter or split.get("llm_adapter")
@@ -278,8 +188,7 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     if projector is not None:
         from .checkpoint import read_state_dict
 
-        psd, _ = read_state_dict(projector)
-        parts["projector"] = {k: v for k, v in psd.items()}
+        parts["projector"] = dict(read_state_dict(projector)[0])
     if llm is None:
         raise XTunerError("no language model: pass --llm DIR (the LLM folder the XTuner run was built on)")
     if visual_encoder is None:
@@ -287,46 +196,63 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     if not parts["projector"]:
         raise XTunerError(f"{src or 'inputs'}: no projector weights (projector.model.0/2); pass --projector DIR "
                           f"(XTuner's projector/ folder) or the iter_N.pth of the fine-tune")
+    return _Inputs(src, llm, visual_encoder, llm_adapter, visual_encoder_adapter, parts, cfg_text, notes)
 
-    # 1. language model (+ what the checkpoint trained), LoRA merged first
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or llm))
-    lm = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32)
-    if llm_adapter is not None:
-        lm = _merge_peft_folder(lm, llm_adapter, "llm")
-        notes.append(f"merged PEFT adapter {llm_adapter}")
-    if getattr(lm.config, "model_type", None) not in ("llama", "mistral", "qwen2", "vicuna"):
-        notes.append(f"language model type {lm.config.model_type!r} is outside the tested scope (LLaMA family)")
-    n_base = len(tok)
-    plain, lora = unwrap_peft_names(parts["llm"])
-    lm_sd = lm.state_dict()
-    emb_key = next((k for k in lm_sd if k.endswith("embed_tokens.weight")), None)
-    rows_ck = None
+
+def _checkpoint_rows(plain: dict, lora: dict, emb_key: str | None) -> int | None:
+    """The vocabulary rows the checkpoint's LLM tensors (full or LoRA) have, if any."""
+    rows = None
     for k, v in plain.items():
         if k == emb_key or (k.endswith("lm_head.weight") and v.dim() == 2):
-            rows_ck = max(rows_ck or 0, v.shape[0])
+            rows = max(rows or 0, v.shape[0])
     for mod, ab in lora.items():
         if mod.endswith("lm_head") and "lora_B" in ab:
-            rows_ck = max(rows_ck or 0, ab["lora_B"].shape[0])
+            rows = max(rows or 0, ab["lora_B"].shape[0])
         if mod.endswith("embed_tokens") and "lora_embedding_A" in ab:
-            rows_ck = max(rows_ck or 0, ab["lora_embedding_A"].shape[1])
+            rows = max(rows or 0, ab["lora_embedding_A"].shape[1])
+    return rows
+
+
+def _check_named_rows(plain: dict, n_base: int, n_user: int) -> None:
+    """Full embedding / head rows the checkpoint trained beyond the LLM's tokenizer belong to tokens
+    only the user can name (XTuner stores no vocabulary): without them they would be thrown away."""
+    rows = max([v.shape[0] for k, v in plain.items() if v.dim() == 2 and
+                k.endswith(("embed_tokens.weight", "lm_head.weight"))], default=None)
+    if rows is not None and rows - n_base > n_user:
+        raise XTunerError(f"the checkpoint has {rows - n_base} trained vocabulary row(s) beyond the LLM's "
+                          f"{n_base} tokens (rows {n_base}..{rows - 1}) but --tokens names {n_user}; pass "
+                          f"--tokens (or --tokens-file) with the tokens the XTuner run added, in order")
+
+
+def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dict) -> _LLM:
+    """1-2. The LLM folder, its PEFT adapter merged, resized as XTuner resized it, the checkpoint on top."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hf import is_tied, rows_of
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or inp.llm))
+    n_base = len(tok)
+    plain, lora = unwrap_peft_names(inp.parts["llm"])
+    _check_named_rows(plain, n_base, len(user))  # before the slow load
+    lm = AutoModelForCausalLM.from_pretrained(str(inp.llm), dtype=torch.float32)
+    if inp.llm_adapter is not None:
+        lm = merge_peft(lm, inp.llm_adapter, "llm")
+        inp.notes.append(f"merged PEFT adapter {inp.llm_adapter}")
+    if getattr(lm.config, "model_type", None) not in ("llama", "mistral", "qwen2", "vicuna"):
+        inp.notes.append(f"language model type {lm.config.model_type!r} is outside the tested scope (LLaMA family)")
+    emb_key = next((k for k in lm.state_dict() if k.endswith("embed_tokens.weight")), None)
+    rows_ck = _checkpoint_rows(plain, lora, emb_key)
     if rows_ck is not None and rows_ck < rows_of(lm):
         raise XTunerError(f"the checkpoint's vocabulary rows ({rows_ck}) are fewer than the LLM's ({rows_of(lm)}); "
-                          f"was the run built on another LLM folder than {llm}?")
-    saved_rows = any(k == emb_key or (k.endswith("lm_head.weight") and v.dim() == 2) for k, v in plain.items())
-    if rows_ck is not None and saved_rows and rows_ck - n_base > len(user):
-        # trained rows of tokens we cannot name would be thrown away (or given to other tokens)
-        raise XTunerError(f"the checkpoint has {rows_ck - n_base} trained vocabulary row(s) beyond the LLM's "
-                          f"{n_base} tokens (rows {n_base}..{rows_ck - 1}) but --tokens names {len(user)}; pass "
-                          f"--tokens (or --tokens-file) with the tokens the XTuner run added, in order")
+                          f"was the run built on another LLM folder than {inp.llm}?")
     if rows_ck is not None and rows_ck > rows_of(lm):
         lm.resize_token_embeddings(rows_ck, mean_resizing=False)  # XTuner resized the LLM before training
-        notes.append(f"the checkpoint has {rows_ck} vocabulary rows, the LLM {n_base} tokens: rows {n_base}.."
-                     f"{rows_ck - 1} are taken to be the given tokens in order (XTuner stores no vocabulary)")
+        inp.notes.append(f"the checkpoint has {rows_ck} vocabulary rows, the LLM {n_base} tokens: rows {n_base}.."
+                         f"{rows_ck - 1} are taken to be the given tokens in order (XTuner stores no vocabulary)")
     tied = is_tied(lm)
-    loaded, merged = {}, []
-    st = lora_setting(cfg_text, "llm_lora")
-    merged.append(_apply(lm, plain, lora, lora_alpha if lora_alpha is not None else st.get("lora_alpha"),
-                         st.get("use_rslora", False), "llm"))
+    st = lora_setting(inp.cfg_text, "llm_lora")
+    merged = _apply(lm, plain, lora, lora_alpha if lora_alpha is not None else st.get("lora_alpha"),
+                    st.get("use_rslora", False), "llm")
     if plain or lora:
         loaded["llm"] = len(plain) + sum(len(v) for v in lora.values())
     if tied and not is_tied(lm):
@@ -336,33 +262,41 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     head_key = next((k for k in lm.state_dict() if k.endswith("lm_head.weight")), None)
     trained_in = emb_key in plain if emb_key else False
     trained_out = trained_in if tied else head_key in plain
+    return _LLM(tok, lm, n_base, rows_ck, tied, trained_in, trained_out, merged)
 
-    # 2. vision tower (+ trained / LoRA tensors)
-    clip = CLIPVisionModel.from_pretrained(str(visual_encoder), dtype=torch.float32)
-    if visual_encoder_adapter is not None:
-        clip = _merge_peft_folder(clip, visual_encoder_adapter, "visual_encoder")
-        notes.append(f"merged PEFT adapter {visual_encoder_adapter}")
-    vplain, vlora = unwrap_peft_names(parts["visual_encoder"])
+
+def _vision_tower(inp: _Inputs, visual_lora_alpha, loaded: dict):
+    """2. The CLIP tower, its adapter merged, the checkpoint's trained / LoRA tensors on top."""
+    from transformers import CLIPVisionModel
+
+    clip = CLIPVisionModel.from_pretrained(str(inp.visual_encoder), dtype=torch.float32)
+    if inp.visual_encoder_adapter is not None:
+        clip = merge_peft(clip, inp.visual_encoder_adapter, "visual_encoder")
+        inp.notes.append(f"merged PEFT adapter {inp.visual_encoder_adapter}")
+    vplain, vlora = unwrap_peft_names(inp.parts["visual_encoder"])
+    merged = ""
     if vplain or vlora:
-        st = lora_setting(cfg_text, "visual_encoder_lora")
-        merged.append(_apply(clip, vplain, vlora, visual_lora_alpha if visual_lora_alpha is not None
-                             else st.get("lora_alpha"), st.get("use_rslora", False), "visual_encoder"))
+        st = lora_setting(inp.cfg_text, "visual_encoder_lora")
+        merged = _apply(clip, vplain, vlora, visual_lora_alpha if visual_lora_alpha is not None
+                        else st.get("lora_alpha"), st.get("use_rslora", False), "visual_encoder")
         loaded["visual_encoder"] = len(vplain) + sum(len(v) for v in vlora.values())
+    return clip, merged
 
-    # 3. assemble the LLaVA from the modules' own in-memory names
-    model = _assemble(lm, clip, parts["projector"], tied)
-    loaded["projector"] = len(parts["projector"])
-    del lm
 
-    # 4. tokens: the user's, then <image>, then a pad token; keep rows the checkpoint trained
+def _graft_tokens(model, L: _LLM, user: list, notes: list[str]):
+    """4. The user's tokens, then <image>, then a pad token (if the tokenizer has none), in that
+    order, so no id collides with a row the checkpoint trained; trained rows of the user's tokens kept."""
+    from .graft import graft
+
+    tok, n_base, rows_ck = L.tok, L.n_base, L.rows_ck
     keep = {}
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     for i, s in enumerate(user):
         rid = n_base + i
         if rows_ck is not None and rid < rows_ck and s.content not in tok.get_vocab():
-            keep[s.content] = (emb[rid].detach().clone() if trained_in else None,
-                               head[rid].detach().clone() if trained_out and not tied else None)
+            keep[s.content] = (emb[rid].detach().clone() if L.trained_in else None,
+                               head[rid].detach().clone() if L.trained_out and not L.tied else None)
     if rows_ck is not None and len(user) < rows_ck - n_base:
         notes.append(f"checkpoint rows {n_base + len(user)}..{rows_ck - 1} have no token (more rows than tokens "
                      f"given); they are treated as padding and may be reused")
@@ -374,10 +308,11 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
     if add_pad:
         tok.pad_token = PAD_TOKEN
     ids = {s.content: tok.convert_tokens_to_ids(s.content) for s in user}
+    order = {s.content: i for i, s in enumerate(user)}
     with torch.no_grad():
         emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
         for content, (vin, vout) in keep.items():
-            if ids[content] != n_base + user.index(next(u for u in user if u.content == content)):
+            if ids[content] != n_base + order[content]:
                 raise XTunerError(f"token {content!r} landed at id {ids[content]}, not at its trained row; "
                                   f"the LLM tokenizer differs from the run's")
             if vin is not None:
@@ -389,30 +324,26 @@ def import_xtuner(source, out, *, llm=None, visual_encoder=None, projector=None,
                 t.init = "xtuner checkpoint row (by order)"
     img_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     model.config.image_token_id = img_id
-    taken = set(ids.values())
-    if img_id in taken or (tok.pad_token_id in taken):
+    if img_id in set(ids.values()) or tok.pad_token_id in set(ids.values()):
         raise XTunerError("internal: <image> or the pad token collides with a user token")  # graft forbids this
+    return manifest, ids, keep, img_id
 
-    # 5. processor and save
-    processor = _processor(visual_encoder, clip.config, tok)
-    from .export import finalize
+
+def _save(model, tok, processor, manifest, out: Path, inp: _Inputs, merged: list[str], dtype, overwrite,
+          max_shard_size) -> None:
+    """5. Config, generation config and manifest made true to the weights, then one atomic write."""
+    from .hf import finalize
+    from .io import atomic_folder
 
     manifest = finalize(model, tok, processor, manifest)
-    manifest.record("import-xtuner", source=str(src) if src else None, llm=str(llm),
-                    visual_encoder=str(visual_encoder), merged_lora=[m for m in merged if m], notes=notes)
+    manifest.record("import-xtuner", source=str(inp.src) if inp.src else None, llm=str(inp.llm),
+                    visual_encoder=str(inp.visual_encoder), merged_lora=merged, notes=inp.notes)
     with atomic_folder(out, overwrite) as tmp:
-        model.to(DTYPES[dtype])
+        model.to(dtype)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         manifest.save(tmp)
-    report = ImportReport(out=str(out), rows=rows_of(model), tokenizer_size=len(tok), tied=is_tied(model),
-                          image_token_id=img_id, pad_token_id=tok.pad_token_id, tokens=ids,
-                          kept_trained_rows=[c for c, (a, b) in keep.items() if a is not None or b is not None],
-                          merged_lora=[m for m in merged if m], loaded=loaded, notes=notes)
-    for line in report.lines():
-        log(line)
-    return report
 
 
 def _assemble(lm, clip, projector: dict, tied: bool):

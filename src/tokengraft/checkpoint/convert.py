@@ -5,22 +5,25 @@ are hard-linked (or copied) into the output; shards that hold some are rewritten
 tensor copied byte for byte (in the kernel where possible). The output folder is built in a temporary sibling and renamed into place; the source
 is only ever read.
 
-Outputs: HF folders and PEFT adapter folders keep their layout (file names, sharding, index,
-``.bin`` stays ``.bin``). Single files, mmengine ``iter_N.pth`` and DeepSpeed folders become an HF
-safetensors file (``model.safetensors``) plus, when the source had one, the remapped optimizer state
-(``optimizer.pt``, loadable with ``torch.load(weights_only=True)``).
+Same format in, same format out: HF folders and PEFT adapter folders keep their layout (file names,
+sharding, index, ``.bin`` stays ``.bin``); a pickled file (mmengine/XTuner ``iter_N.pth``, a
+``.pt``/``.bin`` state dict) is written back as one file of the same structure, and a DeepSpeed
+folder stays a DeepSpeed folder (``pickled.py``). A single ``.safetensors`` file becomes a folder
+with ``model.safetensors`` and the target's tokenizer and manifest.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from ..hf import IMAGE_TOKEN_KEYS, TEXT_CONFIG_KEYS
-from ..io import atomic_folder
+from ..io import atomic_folder, sweep_stale
 from .errors import CheckpointError, RemapError
 from .layout import check_explained, classify, identical_pairs, infer_rows, tied_by_layout
 from .optim import remap_optimizer_state
+from .pickled import is_deepspeed_folder, is_pickle_file, write_deepspeed_folder, write_pickle_file
 from .readers import open_checkpoint
 from .remap import build_row_map, remap_state_dict
 from .report import RemapReport
@@ -103,21 +106,43 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
                                                  ordered=info.format in ORDERED_FORMATS,
                                                  skip=[b for _, b in pairs])
 
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        same = info.format in ("hf-folder", "peft") and all(f.endswith((".safetensors", ".bin")) for f in info.files)
-        if same and safetensors and any(f.endswith(".bin") for f in info.files):
-            write_bin_as_safetensors(ck, tmp, new, report)
-        elif same:
-            write_same_layout(ck, tmp, new, report)
-            if report.optimizer is not None:  # a Trainer checkpoint: resume with the moments remapped
-                torch.save(report.optimizer, tmp / "optimizer.pt")
-        else:
-            write_safetensors_folder(ck, tmp, new, report)
-        write_metadata(info, tgt, tmp, row_map.target_rows, report, src)
+    if is_pickle_file(ck):  # same format out: one file of the same structure
+        _check_file_output(out, {"CHECKPOINT": src, "TARGET": target, "--source-tokenizer": source_tokenizer})
+        sweep_stale(out)
+        write_pickle_file(ck, new, report, out)
+    else:
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            same = info.format in ("hf-folder", "peft") and all(f.endswith((".safetensors", ".bin"))
+                                                                for f in info.files)
+            if is_deepspeed_folder(ck):
+                write_deepspeed_folder(ck, new, report, tmp)
+            elif same and safetensors and any(f.endswith(".bin") for f in info.files):
+                write_bin_as_safetensors(ck, tmp, new, report)
+            elif same:
+                write_same_layout(ck, tmp, new, report)
+                if report.optimizer is not None:  # a Trainer checkpoint: resume with the moments remapped
+                    torch.save(report.optimizer, tmp / "optimizer.pt")
+            else:
+                write_safetensors_folder(ck, tmp, new, report)
+            write_metadata(info, tgt, tmp, row_map.target_rows, report, src)
     for line in report.lines():
         log(line)
     log(f"wrote {out}")
     return report
+
+
+def _check_file_output(out: Path, inputs: dict) -> None:
+    """A file output: never an existing path (tokengraft cannot tell a file it wrote from the user's
+    only copy of a checkpoint), never an input or inside one."""
+    if os.path.lexists(out):
+        raise CheckpointError(f"{out}: already exists; a checkpoint file is never replaced: remove it yourself or "
+                              f"choose another output name")
+    real = out.resolve()
+    for what, p in inputs.items():
+        if p is not None and (real == Path(p).resolve() or Path(p).resolve() in real.parents):
+            raise CheckpointError(f"{out}: the output is or is inside the {what} {p}; choose a path outside every input")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"{out}: its folder {out.parent} does not exist")
 
 
 def _config_tied(cfg: dict | None) -> bool:

@@ -11,3 +11,11 @@ class CheckpointError(TokengraftError):
 
 class RemapError(TokengraftError):
     """Rows that cannot be carried to the target vocabulary as asked."""
+
+
+class XTunerError(CheckpointError):
+    """A bad or unsupported XTuner artifact: says what, where, and what to do."""
+
+
+class LoraError(CheckpointError):
+    """LoRA factors that cannot be merged into their base weights as they are."""

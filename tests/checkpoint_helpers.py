@@ -1,4 +1,4 @@
-"""Helpers for the checkpoint tests (no tests here): word-level tokenizers with chosen vocabularies,
+"""Helpers for the checkpoint tests (a plain module, not collected as tests): word-level tokenizers with chosen vocabularies,
 modules built from a key layout, a fake InternLM2/XTuner state dict."""
 from __future__ import annotations
 
