@@ -14,6 +14,7 @@ from .errors import RemapError
 from .layout import VocabTensor
 from .newrows import CHUNK_ROWS, Rows, chunked_stats, new_rows
 from .readers import Checkpoint
+from .remap import remap_tensor
 from .report import RemapReport, record
 from .safetensors import SafetensorsFile
 from .stwriter import tensor_entry
@@ -90,8 +91,6 @@ class LazyRemap:
         return tuple(s)
 
     def __getitem__(self, k) -> torch.Tensor:
-        from .remap import remap_tensor
-
         return remap_tensor(self.ck.get(k), self.vts[k], self.rm, self.report, gen=self.gen, **self.kw)
 
     def write(self, k, fh) -> None:
