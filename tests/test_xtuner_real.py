@@ -1,0 +1,373 @@
+"""Real XTuner 0.2.0 as a test client: train, add tokens, convert, continue training in XTuner.
+
+Two roles in one file:
+
+* under pytest (project venv): builds/locates the cached XTuner venv (tests/xtuner_env.py), runs
+  the stages below in it through subprocesses, and converts the checkpoint with tokengraft in
+  between (project venv, transformers 5);
+* as a script inside the XTuner venv (transformers 4.48, mmengine 0.10.6, torch 2.14.1):
+  ``python tests/test_xtuner_real.py STAGE WORKDIR`` runs one stage with XTuner's own
+  ``LLaVAModel``, ``LLaVADataset``, ``default_collate_fn`` and mmengine's ``Runner``, and prints
+  one JSON line of facts for the test to check.
+
+The LLM is a tiny random Llama (tied, like SmolLM2) with the *real* SmolLM2 tokenizer (49,152
+rows), so the vocabulary is real and a run takes seconds; the vision tower is a tiny random CLIP.
+Module top level imports only the standard library: both interpreters must import it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+NEW_TOKENS = ["<box>", "</box>", "<ref>"]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+# ==================================================================== XTuner-venv side (stages)
+
+def _xtuner_setup():
+    """What XTuner 0.2.0 needs on CPU with torch >= 2.6 (facts in /work/shared FORMATS.md)."""
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # mmengine's torch.load of its own files
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not hasattr(torch.cpu, "is_bf16_supported"):  # LLaVAModel asks the device; CPU torch lacks it
+        torch.cpu.is_bf16_supported = lambda: False
+    torch.set_num_threads(1)
+
+
+def stage_prepare(work: Path, smollm2_dir: str):
+    """Old LLM (tiny random tied Llama + real SmolLM2 tokenizer), new LLM (+3 tokens, resized),
+    a tiny CLIP tower, 4 images and LLaVA-format data."""
+    import torch
+    from PIL import Image
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPT2TokenizerFast,
+                              LlamaConfig, LlamaForCausalLM)
+
+    # transformers 4.48 cannot read a tokenizer saved by 5.x: rebuild it from tokenizer.json
+    tok = GPT2TokenizerFast(tokenizer_file=str(Path(smollm2_dir) / "tokenizer.json"), bos_token="<|im_start|>",
+                            eos_token="<|im_end|>", unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    assert len(tok) == 49152, len(tok)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    llm = LlamaForCausalLM(cfg)
+    llm.save_pretrained(work / "old_llm")
+    tok.save_pretrained(work / "old_llm")
+
+    new_tok = GPT2TokenizerFast.from_pretrained(work / "old_llm")
+    new_tok.add_tokens(NEW_TOKENS, special_tokens=True)
+    llm.resize_token_embeddings(len(new_tok))
+    llm.save_pretrained(work / "new_llm")
+    new_tok.save_pretrained(work / "new_llm")
+
+    vcfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=32, patch_size=8, projection_dim=16)
+    CLIPVisionModel(vcfg).save_pretrained(work / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(work / "clip")
+
+    (work / "images").mkdir(exist_ok=True)
+    data = []
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 255 - 60 * i, 90)).save(work / "images" / f"{i}.png")
+        data.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhere is the square?"},
+            {"from": "gpt", "value": f"<ref>square</ref><box>({i},{i}),({i + 5},{i + 5})</box>"}]})
+    (work / "data.json").write_text(json.dumps(data))
+    return {"old_rows": len(tok), "new_rows": len(new_tok),
+            "new_ids": new_tok.convert_tokens_to_ids(NEW_TOKENS)}
+
+
+def _model_cfg(work: Path, llm_dir: str, pretrained_pth=None, model_type=None):
+    import torch
+    from mmengine.config import ConfigDict
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.model import LLaVAModel
+
+    # XTuner reads its configs by attribute (cfg.pretrained_model_name_or_path): a ConfigDict
+    return ConfigDict(type=model_type or LLaVAModel, freeze_llm=False, freeze_visual_encoder=True,
+                use_activation_checkpointing=False, pretrained_pth=pretrained_pth,
+                llm=dict(type=AutoModelForCausalLM.from_pretrained,
+                         pretrained_model_name_or_path=str(work / llm_dir), torch_dtype=torch.float32),
+                visual_encoder=dict(type=CLIPVisionModel.from_pretrained,
+                                    pretrained_model_name_or_path=str(work / "clip")))
+
+
+def _runner(work: Path, run_dir: str, llm_dir: str, max_iters: int, model=None, **kw):
+    from mmengine.dataset import DefaultSampler
+    from mmengine.hooks import CheckpointHook, LoggerHook
+    from mmengine.optim import ConstantLR, OptimWrapper
+    from mmengine.runner import IterBasedTrainLoop, Runner
+    from torch.optim import AdamW
+    from transformers import AutoTokenizer, CLIPImageProcessor
+    from xtuner.dataset import LLaVADataset
+    from xtuner.dataset.collate_fns import default_collate_fn
+    from xtuner.dataset.map_fns import llava_map_fn, template_map_fn_factory
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    dataset = dict(type=LLaVADataset, data_path=str(work / "data.json"), image_folder=str(work / "images"),
+                   tokenizer=dict(type=AutoTokenizer.from_pretrained,
+                                  pretrained_model_name_or_path=str(work / llm_dir), padding_side="right"),
+                   image_processor=dict(type=CLIPImageProcessor.from_pretrained,
+                                        pretrained_model_name_or_path=str(work / "clip")),
+                   dataset_map_fn=llava_map_fn,
+                   template_map_fn=dict(type=template_map_fn_factory, template=PROMPT_TEMPLATE.vicuna),
+                   max_length=128, pad_image_to_square=False)
+    return Runner(
+        model=model or _model_cfg(work, llm_dir), work_dir=str(work / run_dir),
+        train_dataloader=dict(batch_size=2, num_workers=0, dataset=dataset,
+                              sampler=dict(type=DefaultSampler, shuffle=False),
+                              collate_fn=dict(type=default_collate_fn)),
+        # AmpOptimWrapper (XTuner's default) is GPU-only: the plain wrapper on CPU
+        optim_wrapper=dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=1e-2, weight_decay=0.0)),
+        param_scheduler=[dict(type=ConstantLR, factor=1.0, by_epoch=False)],
+        train_cfg=dict(type=IterBasedTrainLoop, max_iters=max_iters),
+        default_hooks=dict(checkpoint=dict(type=CheckpointHook, interval=2, by_epoch=False, max_keep_ckpts=-1),
+                           logger=dict(type=LoggerHook, interval=1)),
+        randomness=dict(seed=0), log_level="WARNING", **kw)
+
+
+def _vocab(tokenizer_dir: Path) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return tok.convert_ids_to_tokens(list(range(len(tok))))
+
+
+def _rows_match(model, work: Path) -> dict:
+    """Do the model's rows equal the *original* (old-vocabulary) checkpoint's rows for the same
+    token strings? Compared by string, so it checks the conversion and the load together."""
+    import torch
+
+    ck = torch.load(work / "run_old" / "iter_4.pth", map_location="cpu", weights_only=False)["state_dict"]
+    old, new = _vocab(work / "old_llm"), _vocab(work / "new_llm")
+    new_id = {t: i for i, t in enumerate(new)}
+    ck_rows = ck["llm.model.embed_tokens.weight"]
+    emb = model.llm.get_input_embeddings().weight.detach()
+    head = model.llm.get_output_embeddings().weight.detach()
+    mi = torch.tensor([new_id[t] for t in old])
+    equal = int((emb[mi] == ck_rows).all(dim=1).sum())
+    fresh = sorted(set(range(emb.shape[0])) - set(mi.tolist()))
+    return {"rows_equal": equal, "old_rows": len(old), "tied": emb.data_ptr() == head.data_ptr(),
+            "model_rows": emb.shape[0], "new_rows_finite": bool(torch.isfinite(emb[fresh]).all())}
+
+
+def _ckpt_rows(path: Path) -> int:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"][
+        "llm.model.embed_tokens.weight"].shape[0]
+
+
+def stage_train(work: Path):
+    runner = _runner(work, "run_old", "old_llm", max_iters=4)
+    runner.train()
+    ck = work / "run_old" / "iter_4.pth"
+    import torch
+
+    obj = torch.load(ck, map_location="cpu", weights_only=False)
+    sd = obj["state_dict"]
+    return {"exists": ck.is_file(), "top": sorted(obj), "iter": obj["meta"]["iter"],
+            "embed": list(sd["llm.model.embed_tokens.weight"].shape),
+            "tied_saved_twice": "llm.lm_head.weight" in sd and torch.equal(sd["llm.lm_head.weight"],
+                                                                            sd["llm.model.embed_tokens.weight"]),
+            "hub_types": sorted({type(v).__module__ + "." + type(v).__name__
+                                 for v in obj["message_hub"]["log_scalars"].values()})}
+
+
+def stage_load(work: Path, ckpt: str):
+    """LLaVAModel(pretrained_pth=ckpt) at the new vocabulary: loads, or the error's first line."""
+    from mmengine.registry import MODELS
+
+    try:
+        model = MODELS.build(_model_cfg(work, "new_llm", pretrained_pth=str(work / ckpt)))
+    except Exception as e:  # noqa: BLE001 - the error is the fact we report
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        return {"loaded": False, "error": f"{type(e).__name__}: {' '.join(lines[:2])}"}
+    return {"loaded": True, "ckpt_rows": _ckpt_rows(work / ckpt), **_rows_match(model, work)}
+
+
+class _Probe:
+    """A hook recording, just before training starts, the iteration and the rows facts."""
+
+    def __init__(self, work, ckpt):
+        self.work, self.ckpt, self.facts = work, ckpt, {}
+
+    def hook(self):
+        from mmengine.hooks import Hook
+
+        probe = self
+
+        class ProbeHook(Hook):
+            priority = "VERY_LOW"
+
+            def before_train(self, runner):
+                probe.facts.update(start_iter=runner.iter, ckpt_rows=_ckpt_rows(probe.work / probe.ckpt),
+                                   **_rows_match(runner.model, probe.work))
+                # the optimizer state of the (tied) vocabulary parameter, as loaded
+                emb = runner.model.llm.get_input_embeddings().weight
+                st = runner.optim_wrapper.optimizer.state.get(emb, {})
+                if "exp_avg" in st:
+                    old = probe.facts["old_rows"]
+                    probe.facts.update(emb_step=float(st["step"]), moment_rows=st["exp_avg"].shape[0],
+                                       moment_new_rows_zero=bool((st["exp_avg"][old:] == 0).all()),
+                                       moment_old_rows_nonzero=int((st["exp_avg"][:old] != 0).any(dim=1).sum()))
+
+            def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+                import math
+
+                probe.facts.setdefault("losses", []).append(float(outputs["loss"]))
+                probe.facts["finite"] = all(math.isfinite(x) for x in probe.facts["losses"])
+        return ProbeHook()
+
+
+def stage_continue(work: Path, ckpt: str, run_dir: str, resume: bool, helper: bool = False):
+    """Continue training at the new vocabulary: from pretrained_pth (a fresh run) or Runner resume."""
+    probe = _Probe(work, ckpt)
+    if resume:
+        runner = _runner(work, run_dir, "new_llm", max_iters=6, load_from=str(work / ckpt), resume=True,
+                         custom_hooks=[probe.hook()])
+    elif helper:
+        from tokengraft.xtuner_helper import llava_from_old_checkpoint
+
+        model = dict(type=llava_from_old_checkpoint, model=_model_cfg(work, "new_llm"),
+                     checkpoint=str(work / ckpt), old_tokenizer=str(work / "old_llm"),
+                     new_tokenizer=str(work / "new_llm"))
+        runner = _runner(work, run_dir, "new_llm", max_iters=2, model=model, custom_hooks=[probe.hook()])
+    else:
+        runner = _runner(work, run_dir, "new_llm", max_iters=2,
+                         model=_model_cfg(work, "new_llm", pretrained_pth=str(work / ckpt)),
+                         custom_hooks=[probe.hook()])
+    runner.train()
+    out = sorted(p.name for p in (work / run_dir).glob("iter_*.pth"))
+    return {**probe.facts, "end_iter": runner.iter, "saved": out}
+
+
+def _main(argv):
+    _xtuner_setup()
+    stage, work = argv[0], Path(argv[1])
+    fn = {"prepare": stage_prepare, "train": stage_train, "load": stage_load, "continue": stage_continue}[stage]
+    args = [a == "true" if a in ("true", "false") else a for a in argv[2:]]
+    facts = fn(work, *args)
+    print("FACTS " + json.dumps(facts))
+
+
+# ==================================================================== pytest side (project venv)
+
+if __name__ != "__main__":
+    import subprocess
+
+    import pytest
+
+    pytestmark = pytest.mark.slow
+
+    @pytest.fixture(scope="module")
+    def xtuner_python():
+        sys.path.insert(0, str(HERE))
+        import xtuner_env
+
+        if not xtuner_env.is_ready() and os.environ.get("TOKENGRAFT_SKIP_XTUNER_BUILD"):
+            pytest.skip("the XTuner venv is not built and TOKENGRAFT_SKIP_XTUNER_BUILD is set")
+        try:
+            return xtuner_env.ensure()
+        except xtuner_env.IndexUnreachable as e:
+            pytest.skip(f"package index unreachable, cannot build the XTuner 0.2.0 venv: {str(e)[:200]}")
+
+    def _stage(py, *args, timeout=600):
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))  # tokengraft.xtuner_helper (torch only)
+        r = subprocess.run([str(py), str(Path(__file__).resolve()), *map(str, args)], capture_output=True,
+                           text=True, timeout=timeout, env=env, cwd=str(args[1]))
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("FACTS ")]
+        assert r.returncode == 0 and lines, f"stage {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+        return json.loads(lines[-1][6:])
+
+    def _tokengraft_convert(src, target, out, source_tokenizer):
+        return subprocess.run([sys.executable, "-m", "tokengraft", "convert", str(src), "--to", str(target),
+                               "-o", str(out), "--source-tokenizer", str(source_tokenizer)],
+                              capture_output=True, text=True, timeout=600)
+
+    def _convert_with_safe_save(src, target, out, source_tokenizer):
+        """safe_load -> remap (state dict and optimizer, by token identity) -> safe_save."""
+        from tokengraft.checkpoint import remap_state_dict
+        from tokengraft.checkpoint.safe_pickle import safe_load, safe_save
+        from tokengraft.checkpoint.sources import load_tokenizer, tokenizer_vocab
+
+        obj = safe_load(src)
+        old, new = tokenizer_vocab(load_tokenizer(source_tokenizer)), tokenizer_vocab(load_tokenizer(target))
+        sd, report = remap_state_dict(obj["state_dict"], old, new, optimizer=obj["optimizer"], tied=True)
+        obj["state_dict"], obj["optimizer"] = sd, report.optimizer
+        safe_save(obj, out)
+
+    @pytest.fixture(scope="module")
+    def trained(xtuner_python, tmp_path_factory, smollm2_dir):
+        work = tmp_path_factory.mktemp("xtuner")
+        prep = _stage(xtuner_python, "prepare", work, smollm2_dir)
+        assert prep["new_rows"] == prep["old_rows"] + 3
+        facts = _stage(xtuner_python, "train", work)
+        return xtuner_python, work, prep, facts
+
+    def test_real_xtuner_checkpoint_layout(trained):
+        _, work, prep, facts = trained
+        assert facts["exists"] and facts["iter"] == 4
+        assert facts["top"] == ["message_hub", "meta", "optimizer", "param_schedulers", "state_dict"]
+        assert facts["embed"] == [prep["old_rows"], 32] and facts["tied_saved_twice"]
+        assert facts["hub_types"] == ["mmengine.logging.history_buffer.HistoryBuffer"]
+
+    def test_unconverted_checkpoint_does_not_load(trained):
+        py, work, prep, _ = trained
+        facts = _stage(py, "load", work, "run_old/iter_4.pth")
+        assert not facts["loaded"] and "size mismatch" in facts["error"], facts
+        assert f"[{prep['old_rows']}, 32]" in facts["error"] or str(prep["old_rows"]) in facts["error"], facts
+
+    @pytest.fixture(scope="module")
+    def converted(trained):
+        py, work, prep, _ = trained
+        _convert_with_safe_save(work / "run_old" / "iter_4.pth", work / "new_llm", work / "iter_4_new.pth",
+                                work / "old_llm")
+        return py, work, prep, "iter_4_new.pth"
+
+    def test_tokengraft_convert_writes_a_pth_file(trained):
+        py, work, prep, _ = trained
+        out = work / "iter_4_cli.pth"
+        r = _tokengraft_convert(work / "run_old" / "iter_4.pth", work / "new_llm", out, work / "old_llm")
+        assert r.returncode == 0, r.stderr
+        if not out.is_file():
+            pytest.xfail("convert still writes a folder for an mmengine .pth (issue 12: the convert "
+                         "integration of safe_save has not landed); the safe_save path is tested below")
+        facts = _stage(py, "continue", work, out.name, "run_cli_resumed", "true")
+        assert facts["rows_equal"] == prep["old_rows"] and facts["start_iter"] == 4 and facts["end_iter"] == 6, facts
+
+    def test_converted_checkpoint_loads_via_pretrained_pth_and_trains(converted):
+        py, work, prep, ckpt = converted
+        facts = _stage(py, "continue", work, ckpt, "run_pretrained", "false")
+        assert facts["model_rows"] == prep["new_rows"] == facts["ckpt_rows"] and facts["tied"], facts
+        # every old token's row equals the original checkpoint's row for the same string
+        assert facts["rows_equal"] == prep["old_rows"] and facts["new_rows_finite"], facts
+        assert facts["start_iter"] == 0 and "emb_step" not in facts, facts  # a fresh run, fresh optimizer
+        assert facts["end_iter"] == 2 and facts["finite"] and len(facts["losses"]) == 2, facts
+
+    def test_converted_checkpoint_resumes_in_the_runner(converted):
+        py, work, prep, ckpt = converted
+        facts = _stage(py, "continue", work, ckpt, "run_resumed", "true")
+        # the iteration counter continues (4 -> 6: only iter_6 written), old rows as trained
+        assert facts["start_iter"] == 4 and facts["end_iter"] == 6 and facts["saved"] == ["iter_6.pth"], facts
+        assert facts["rows_equal"] == prep["old_rows"] and facts["finite"] and len(facts["losses"]) == 2, facts
+        # Adam moments came along: step 4, rows at the new vocabulary, zero for the new tokens only
+        assert facts["emb_step"] == 4.0 and facts["moment_rows"] == prep["new_rows"], facts
+        assert facts["moment_new_rows_zero"] and facts["moment_old_rows_nonzero"] > 0, facts
+
+    def test_xtuner_helper_loads_an_unconverted_checkpoint_by_token_identity(trained):
+        py, work, prep, _ = trained
+        facts = _stage(py, "continue", work, "run_old/iter_4.pth", "run_helper", "false", "true")
+        assert facts["model_rows"] == prep["new_rows"] and facts["ckpt_rows"] == prep["old_rows"], facts
+        assert facts["rows_equal"] == prep["old_rows"] and facts["tied"] and facts["finite"], facts
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
