@@ -167,7 +167,7 @@ def test_adapter_merged(tiny_dir, tmp_path):
 def test_finalize_frees_new_tokens_and_suppresses_padding(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tokengraft.export import finalize
+    from tokengraft.hf import finalize
     from tokengraft.manifest import Manifest
 
     model, tok, man = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir), \
@@ -218,7 +218,8 @@ def test_verify_catches_differences(tiny_dir, tmp_path):
 def test_existing_output_refused_and_cli(tiny_dir, tmp_path):
     from tokengraft.cli import main
 
-    (tmp_path / "out").mkdir()
+    # --overwrite only ever replaces a folder tokengraft wrote (issue 9): make OUT one, then add a file
+    assert main(["export", str(tiny_dir), "-o", str(tmp_path / "out")]) == 0
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(["export", str(tiny_dir), "-o", str(tmp_path / "out")]) == 2
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -1,11 +1,24 @@
 """Facts about a transformers model and its config, in one place: tie, rows, every nested
 ``vocab_size``, the LLaVA image token, padding rows. Used by graft, convert, export, doctor, xtuner.
 
-Two views of the same facts: a live model (``is_tied``, ``rows_of``, ``sync_config``) and a
-``config.json`` dict (``config_rows``, ``set_config_rows``), so checks on a folder and changes to a
-model agree on which fields exist.
+Two views of the same facts: a live model (``is_tied``, ``rows_of``, ``sync_config``, ``finalize``)
+and a ``config.json`` dict (``config_rows``, ``set_config_rows``, ``is_llava``), so checks on a folder
+and changes to a model agree on which fields exist. Imports torch only (no transformers).
 """
 from __future__ import annotations
+
+import torch
+
+from .errors import TokengraftError
+from .manifest import Manifest
+from .vocab import fingerprint, vocab_of
+
+# the dtypes a model folder is written in (export --dtype, import-xtuner --dtype)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelFactsError(TokengraftError):
+    """The model, its config and its tokenizer do not belong together."""
 
 # Nested language-model configs: LLaVA (`text_config`), InternVL/XTuner-style (`llm_config`),
 # others (`language_config`). Every one of them carries a vocab_size that must equal the rows.
@@ -59,7 +72,63 @@ def padding_rows(vocab: list, rows: int) -> list[int]:
     return [i for i, t in enumerate(vocab) if t is None] + list(range(len(vocab), rows))
 
 
+def image_token_of(model, tokenizer, processor) -> int | None:
+    """LLaVA's image placeholder id, read from the processor's token (the tokenizer is the truth);
+    None for a text model."""
+    if not is_llava(model.config.to_dict()):
+        return None
+    tok = getattr(processor, "image_token", None) or "<image>"
+    tid = tokenizer.convert_tokens_to_ids(tok)
+    if not isinstance(tid, int) or tid == tokenizer.unk_token_id or tok not in tokenizer.get_vocab():
+        raise ModelFactsError(f"the LLaVA tokenizer has no image token {tok!r}; add it with `tokengraft add`")
+    return tid
+
+
+def suppress_padding(generation_config, vocab: list, rows: int, manifest: Manifest) -> None:
+    """``suppress_tokens`` = the deliberate suppressions of real tokens + every padding row. A token
+    the manifest added to be generated is never suppressed (older `add` outputs kept the suppression
+    of the padding row the token took over)."""
+    generated = {t.id for t in manifest.tokens if t.role == "generate"}
+    keep = [t for t in (generation_config.suppress_tokens or [])
+            if t < len(vocab) and vocab[t] is not None and t not in generated]
+    generation_config.suppress_tokens = sorted(set(keep) | set(padding_rows(vocab, rows))) or None
+
+
+def finalize(model, tokenizer, processor, manifest: Manifest | None) -> Manifest:
+    """Make an in-memory model true to its weights and tokenizer before it is written: every
+    vocab_size and tie flag, the LLaVA image token id, a generation config that stops at the
+    manifest's stop tokens and suppresses padding rows. Returns the manifest to write (a fresh one,
+    recording the tokenizer as the base, for a folder tokengraft never touched)."""
+    rows, tied = rows_of(model), is_tied(model)
+    if len(tokenizer) > rows:
+        raise ModelFactsError(f"the tokenizer has {len(tokenizer)} tokens but the model only {rows} rows")
+    sync_config(model, rows, tied)
+    img = image_token_of(model, tokenizer, processor)
+    if img is not None:
+        model.config.image_token_id = img
+    vocab = vocab_of(tokenizer)
+    if manifest is None:
+        manifest = Manifest(base_fingerprint=fingerprint(vocab), base_size=len(vocab), rows=rows, tied=tied)
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    for t in manifest.tokens:
+        if t.stop and t.id not in eos:
+            eos.append(t.id)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else (eos or None)
+    suppress_padding(gen, vocab, rows, manifest)
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    manifest.rows, manifest.tied, manifest.vocab_fingerprint = rows, tied, fingerprint(vocab)
+    return manifest
+
+
 # -- a config.json dict -------------------------------------------------------------------------
+
+def is_llava(config: dict) -> bool:
+    """A LLaVA-style config: a vision tower and a nested language model."""
+    return "vision_config" in config and "text_config" in config
+
 
 def text_configs(config: dict) -> list[tuple[str, dict]]:
     """(where, dict) for the top-level config and every nested language-model config."""

@@ -1,0 +1,126 @@
+"""``export BASE --adapter A``: merge a PEFT adapter into a model folder, and refuse a merge that
+would silently drop trained rows.
+
+A tokengraft run trains the new tokens' rows beside the LoRA. An adapter that does not carry them
+(no ``trainable_token_indices``), merged into a base whose rows for those tokens are still their
+initialization, gives a model that loads, runs and is wrong. The run folder knows which rows
+trained (``run.json``) and holds them, so the fix is always to export the run itself.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..hf import is_tied
+from ..manifest import Manifest
+from ..vocab import fingerprint, vocab_of
+from .errors import ExportError
+
+RUN_FILE, ROWS_FILE = "run.json", "new_rows.safetensors"  # the run folder layout (train/run.py)
+ROW_ATOL = 1e-6  # a base row "is" the trained row when it equals it to fp32 rounding
+
+
+def merge_adapter(model, tokenizer, manifest: Manifest | None, adapter, base=None, log=print):
+    """Merge a PEFT adapter folder into ``model`` (peft's merge_and_unload); keep tied as it was."""
+    from peft import PeftModel
+
+    a = Path(adapter)
+    if not (a / "adapter_config.json").is_file():
+        raise ExportError(f"{a}: no adapter_config.json; --adapter expects a PEFT adapter folder "
+                          f"(saved with model.save_pretrained on a PeftModel)")
+    am = Manifest.find(a) or (Manifest.find(a.parent) if (a.parent / RUN_FILE).is_file() else None)
+    if am is not None and am.vocab_fingerprint and am.vocab_fingerprint != fingerprint(vocab_of(tokenizer)):
+        raise ExportError(f"{a}: the adapter was trained with another vocabulary than the model folder's "
+                          f"tokenizer (fingerprint {am.vocab_fingerprint}); move it first with "
+                          f"`tokengraft convert {a} --to MODEL_DIR`")
+    check_rows_carried(model, tokenizer, a, base)
+    tied = is_tied(model)
+    try:
+        merged = PeftModel.from_pretrained(model, str(a)).merge_and_unload()
+    except RuntimeError as e:  # size mismatches: the adapter belongs to another vocabulary
+        first = str(e).strip().splitlines()
+        raise ExportError(f"{a}: the adapter does not fit the model ({first[-1].strip() if first else e}); "
+                          f"was it trained on another vocabulary? `tokengraft convert` moves it") from None
+    if is_tied(merged) != tied:
+        raise ExportError(f"{a}: merging the adapter {'untied' if tied else 'tied'} the head; refusing to export "
+                          f"a model whose tie state changed")
+    log(f"merged LoRA adapter {a}")
+    return merged
+
+
+def carried_token_ids(adapter) -> set[int]:
+    """The token ids whose rows the adapter itself sets (PEFT ``trainable_token_indices``, a list
+    or a {module: list} mapping), provided its weights hold ``trainable_tokens_delta`` tensors."""
+    a = Path(adapter)
+    cfg = json.loads((a / "adapter_config.json").read_text(encoding="utf-8"))
+    idx = cfg.get("trainable_token_indices") or cfg.get("token_indices")
+    if not idx:
+        return set()
+    ids = {int(i) for v in (idx.values() if isinstance(idx, dict) else [idx]) for i in v}
+    weights = a / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            if not any("trainable_tokens_delta" in k for k in f.keys()):
+                return set()
+    return ids
+
+
+def check_rows_carried(model, tokenizer, adapter, base=None) -> None:
+    """Refuse (one line) when the adapter's run trained rows that neither the adapter carries nor
+    ``model`` already holds. Adapters tokengraft did not write (no run.json beside them) pass."""
+    a = Path(adapter)
+    run = next((d for d in (a, a.parent) if (d / RUN_FILE).is_file()), None)
+    if run is None:
+        return
+    try:
+        info = json.loads((run / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{run / RUN_FILE}: unreadable ({e}); export the run folder {run} instead") from None
+    trained = [t for t in info.get("new_tokens", []) if isinstance(t, str)]
+    if not trained:
+        return
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in trained if t not in vocab]
+    if missing:
+        raise ExportError(f"{a}: the run trained rows for {missing[:3]} but {base or 'the model'} has no such "
+                          f"token(s); pass the run folder instead: `tokengraft export {run} -o OUT`")
+    ids = {t: vocab[t] for t in trained}
+    if set(ids.values()) <= carried_token_ids(a):
+        return
+    # the adapter does not carry the rows: fine only if the base already holds the trained values
+    held = _base_holds_rows(model, ids, run / ROWS_FILE)
+    if held:
+        return
+    names = ", ".join(trained[:3]) + (" ..." if len(trained) > 3 else "")
+    raise ExportError(f"{a}: the run trained the rows of {len(trained)} new token(s) ({names}) but this adapter "
+                      f"does not carry them (no trainable_token_indices) and {base or 'the base'} does not hold the "
+                      f"trained rows{' (its rows differ from the trained ones)' if held is False else ''}; pass the run "
+                      f"folder instead: `tokengraft export {run} -o OUT`")
+
+
+def _base_holds_rows(model, ids: dict[str, int], rows_file: Path) -> bool | None:
+    """True when ``model``'s rows for ``ids`` equal the run's saved trained rows; False when they
+    differ; None when the run kept no rows file to compare with."""
+    if not rows_file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(rows_file), "pt") as f:
+        tokens = json.loads((f.metadata() or {}).get("tokens", "[]"))
+        saved = {k: f.get_tensor(k).float() for k in f.keys()}
+    if "embed" not in saved or saved["embed"].shape[0] != len(tokens):
+        return None
+    emb = model.get_input_embeddings().weight.detach().float()
+    head = model.get_output_embeddings()
+    sides = [(emb, saved["embed"])]
+    if "head" in saved and head is not None and not is_tied(model):
+        sides.append((head.weight.detach().float(), saved["head"]))
+    for weight, rows in sides:
+        for t, i in ids.items():
+            if t in tokens and not torch.allclose(weight[i], rows[tokens.index(t)], atol=ROW_ATOL, rtol=0):
+                return False
+    return True
