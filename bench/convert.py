@@ -141,7 +141,7 @@ def main(argv=None):
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
-    from tokengraft.assets import smollm2_dir
+    from tokengraft.demo.assets import smollm2_dir
 
     hidden, inter, layers = (1024, 4096, 4) if args.small else (2048, 8192, 24)
     vocab = 49152

@@ -32,7 +32,7 @@ def main(argv=None):
 
     from tokengraft import graft
     from tokengraft.init import markup_words
-    from tokengraft.assets import smollm2_dir
+    from tokengraft.demo.assets import smollm2_dir
     from tokengraft.probe import head_inputs, heldout_text, kl_of_rows, mass_of
 
     d = smollm2_dir()

@@ -66,7 +66,7 @@ def main(argv=None):
     ap.add_argument("--inits", default="tokengraft:auto,tokengraft:mean,tokengraft:subword,tokengraft:hewitt,transformers,random")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    from tokengraft.assets import smollm2_dir
+    from tokengraft.demo.assets import smollm2_dir
     from tokengraft.demo.data import make_grounding_dataset
     from tokengraft.demo.llava import COMPACT_CHATML, build_llava
     from tokengraft.train.metrics import read_metrics

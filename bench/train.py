@@ -139,7 +139,7 @@ def main() -> int:
         print("RESULT " + json.dumps(one(a.one, a.llava, d, a.steps, a.batch)))
         return 0
 
-    from tokengraft.assets import cache_dir, smollm2_dir
+    from tokengraft.demo.assets import cache_dir, smollm2_dir
     from tokengraft.demo.data import make_grounding_dataset
     from tokengraft.demo.llava import build_llava
 

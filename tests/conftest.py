@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _asset(fn):
-    from tokengraft.assets import AssetMissing
+    from tokengraft.demo.assets import AssetMissing
 
     try:
         return fn()
@@ -22,7 +22,7 @@ def _asset(fn):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """Read-only HF folder of real SmolLM2-135M-Instruct (tied, 49,152 rows). Never write into it."""
-    from tokengraft.assets import smollm2_dir as f
+    from tokengraft.demo.assets import smollm2_dir as f
 
     return _asset(f)
 
@@ -57,21 +57,21 @@ def copy_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def mistral_v1_dir():
-    from tokengraft.assets import mistral_tokenizer_dir
+    from tokengraft.demo.assets import mistral_tokenizer_dir
 
     return _asset(lambda: mistral_tokenizer_dir("v1"))
 
 
 @pytest.fixture(scope="session")
 def mistral_v3_dir():
-    from tokengraft.assets import mistral_tokenizer_dir
+    from tokengraft.demo.assets import mistral_tokenizer_dir
 
     return _asset(lambda: mistral_tokenizer_dir("v3"))
 
 
 @pytest.fixture(scope="session")
 def llama_cpp_vocab_dir():
-    from tokengraft.assets import llama_cpp_vocab_dir as f
+    from tokengraft.demo.assets import llama_cpp_vocab_dir as f
 
     try:
         return f()

@@ -53,7 +53,7 @@ def make_grounding_dataset(out_dir, n_train: int = 64, n_eval: int = 16, bins: i
     Returns ``{"train", "eval", "image_folder", "tokens"}`` (paths, and the token list to graft).
     ``text_only`` adds that many image-free samples to train (they ask for the token format).
     Deterministic in ``seed``."""
-    from ..assets import real_images
+    from .assets import real_images
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

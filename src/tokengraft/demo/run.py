@@ -32,7 +32,7 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..assets import smollm2_dir
+    from .assets import smollm2_dir
     from ..export import export
     from ..graft import graft
     from ..io import load_folder, save_folder

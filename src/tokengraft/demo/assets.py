@@ -123,7 +123,7 @@ def real_images() -> dict:
     return out
 
 
-if __name__ == "__main__":  # `python -m tokengraft.assets`: prepare every asset once (CI, make setup)
+if __name__ == "__main__":  # `python -m tokengraft.demo.assets`: prepare every asset once (CI, make setup)
     for fn in (smollm2_dir, mistral_tokenizer_dir, tekken_dir, llama_cpp_vocab_dir):
         try:
             print(fn.__name__, "->", fn())
