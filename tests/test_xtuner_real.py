@@ -265,7 +265,7 @@ if __name__ != "__main__":
 
     import pytest
 
-    pytestmark = pytest.mark.slow
+    slow = pytest.mark.slow  # the real-XTuner tests (a cached venv, minutes); the unit tests below are fast
 
     @pytest.fixture(scope="module")
     def xtuner_python():
@@ -312,6 +312,7 @@ if __name__ != "__main__":
         facts = _stage(xtuner_python, "train", work)
         return xtuner_python, work, prep, facts
 
+    @slow
     def test_real_xtuner_checkpoint_layout(trained):
         _, work, prep, facts = trained
         assert facts["exists"] and facts["iter"] == 4
@@ -319,6 +320,7 @@ if __name__ != "__main__":
         assert facts["embed"] == [prep["old_rows"], 32] and facts["tied_saved_twice"]
         assert facts["hub_types"] == ["mmengine.logging.history_buffer.HistoryBuffer"]
 
+    @slow
     def test_unconverted_checkpoint_does_not_load(trained):
         py, work, prep, _ = trained
         facts = _stage(py, "load", work, "run_old/iter_4.pth")
@@ -332,6 +334,7 @@ if __name__ != "__main__":
                                 work / "old_llm")
         return py, work, prep, "iter_4_new.pth"
 
+    @slow
     def test_tokengraft_convert_writes_a_pth_file(trained):
         py, work, prep, _ = trained
         out = work / "iter_4_cli.pth"
@@ -343,6 +346,7 @@ if __name__ != "__main__":
         facts = _stage(py, "continue", work, out.name, "run_cli_resumed", "true")
         assert facts["rows_equal"] == prep["old_rows"] and facts["start_iter"] == 4 and facts["end_iter"] == 6, facts
 
+    @slow
     def test_converted_checkpoint_loads_via_pretrained_pth_and_trains(converted):
         py, work, prep, ckpt = converted
         facts = _stage(py, "continue", work, ckpt, "run_pretrained", "false")
@@ -352,6 +356,7 @@ if __name__ != "__main__":
         assert facts["start_iter"] == 0 and "emb_step" not in facts, facts  # a fresh run, fresh optimizer
         assert facts["end_iter"] == 2 and facts["finite"] and len(facts["losses"]) == 2, facts
 
+    @slow
     def test_converted_checkpoint_resumes_in_the_runner(converted):
         py, work, prep, ckpt = converted
         facts = _stage(py, "continue", work, ckpt, "run_resumed", "true")
@@ -362,11 +367,60 @@ if __name__ != "__main__":
         assert facts["emb_step"] == 4.0 and facts["moment_rows"] == prep["new_rows"], facts
         assert facts["moment_new_rows_zero"] and facts["moment_old_rows_nonzero"] > 0, facts
 
+    @slow
     def test_xtuner_helper_loads_an_unconverted_checkpoint_by_token_identity(trained):
         py, work, prep, _ = trained
         facts = _stage(py, "continue", work, "run_old/iter_4.pth", "run_helper", "false", "true")
         assert facts["model_rows"] == prep["new_rows"] and facts["ckpt_rows"] == prep["old_rows"], facts
         assert facts["rows_equal"] == prep["old_rows"] and facts["tied"] and facts["finite"], facts
+
+    # ---------------------------------------------------------------- xtuner_helper, fast (torch only)
+
+    def _json_tokenizer(folder, vocab, added=()):
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(json.dumps({
+            "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(vocab)}},
+            "added_tokens": [{"id": len(vocab) + k, "content": t} for k, t in enumerate(added)]}))
+        return folder
+
+    def test_helper_moves_rows_by_string_and_keeps_new_rows(tmp_path):
+        import torch
+
+        from tokengraft.xtuner_helper import TokenIdentityError, load_by_token_identity, token_strings
+
+        old = _json_tokenizer(tmp_path / "old", ["a", "b", "c", "d"])
+        # the new vocabulary drops "b", moves "c"/"d" and adds two tokens
+        new = _json_tokenizer(tmp_path / "new", ["a", "d", "c"], added=["<box>", "<ref>"])
+        assert token_strings(new) == ["a", "d", "c", "<box>", "<ref>"]
+        trained = torch.arange(4 * 3, dtype=torch.float32).reshape(4, 3)
+        torch.save({"meta": {"iter": 4}, "state_dict": {"llm.embed.weight": trained, "llm.head.weight": trained,
+                                                        "proj.weight": torch.ones(2, 2), "gone.weight": torch.ones(1)}},
+                   tmp_path / "iter_4.pth")
+        model = torch.nn.Module()
+        model.llm = torch.nn.Module()
+        model.llm.embed = torch.nn.Embedding(5, 3)
+        model.llm.head = torch.nn.Linear(3, 5, bias=False)
+        model.llm.head.weight = model.llm.embed.weight  # tied
+        model.proj = torch.nn.Linear(2, 2, bias=False)
+        fresh = model.llm.embed.weight.detach().clone()
+        rep = load_by_token_identity(model, tmp_path / "iter_4.pth", old, new)
+        w = model.llm.embed.weight.detach()
+        assert torch.equal(w[0], trained[0]) and torch.equal(w[1], trained[3]) and torch.equal(w[2], trained[2])
+        assert torch.equal(w[3:], fresh[3:])  # new tokens keep the rows the model was built with
+        assert torch.equal(model.proj.weight, torch.ones(2, 2))
+        assert rep["new_tokens"] == ["<box>", "<ref>"] and rep["dropped_tokens"] == ["b"]
+        assert rep["ignored"] == ["gone.weight"] and set(rep["remapped"]) == {"llm.embed.weight", "llm.head.weight"}
+
+        model.proj = torch.nn.Linear(3, 3, bias=False)  # a shape that is not a vocabulary change
+        with pytest.raises(TokenIdentityError, match="proj.weight.*does not fit"):
+            load_by_token_identity(model, tmp_path / "iter_4.pth", old, new)
+
+    def test_helper_imports_nothing_but_torch():
+        code = ("import sys; import tokengraft.xtuner_helper; "
+                "bad = [m for m in ('transformers', 'mmengine', 'tokenizers') if m in sys.modules]; "
+                "assert not bad, bad; print('ok')")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
 if __name__ == "__main__":
