@@ -190,6 +190,45 @@ def test_zip_bomb_stays_small(tmp_path, declared_floats):
     assert grown_mb < 300, f"peak RSS grew by {grown_mb} MB reading a 1 MB file"
 
 
+CLI_RSS = textwrap.dedent("""
+    import resource, subprocess, sys
+    r = subprocess.run([sys.executable, "-m", "tokengraft", "convert", *sys.argv[1:]], capture_output=True, text=True)
+    sys.stderr.write(r.stderr)
+    print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
+    sys.exit(r.returncode)
+""")
+
+
+def _convert_cli(tmp_path, ckpt):
+    """`tokengraft convert CKPT` in a fresh parent, reporting the child's peak RSS (MB)."""
+    from checkpoint_helpers import word_tokenizer, words
+
+    word_tokenizer(words(6)).save_pretrained(tmp_path / "src_tok")
+    word_tokenizer(words(6) + ["<box>"]).save_pretrained(tmp_path / "target")
+    out = tmp_path / "out.pth"
+    r = subprocess.run([sys.executable, "-c", CLI_RSS, str(ckpt), "--to", str(tmp_path / "target"), "-o", str(out),
+                        "--source-tokenizer", str(tmp_path / "src_tok")], capture_output=True, text=True, timeout=300)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    return r.returncode, r.stderr.strip().splitlines(), int(r.stdout.strip() or 0)
+
+
+@pytest.mark.parametrize("case", ["view", "negative", "bomb"])
+def test_convert_cli_refuses_hostile_pickles_in_one_line(tmp_path, case):
+    if case == "bomb":
+        p = _write_bomb(tmp_path / "bomb.pth", 1 << 20, 1 << 30)
+    else:
+        offset, size = (0, (6, 4)) if case == "view" else (-2, (6, 3))
+        p = write_pth(tmp_path / f"{case}.pth", {"state_dict": {
+            "model.embed_tokens.weight": _TensorRef(_StorageRef("0", 18), offset, size, (size[1], 1))}},
+            {"0": floats(18)})
+    before = p.read_bytes()
+    code, err, peak_mb = _convert_cli(tmp_path, p)
+    assert code == 2 and len(err) == 1 and err[0].startswith("tokengraft convert: error:"), err
+    assert {"view": "larger than its storage", "negative": "negative", "bomb": "bomb"}[case] in err[0], err
+    assert "Traceback" not in "\n".join(err) and p.read_bytes() == before
+    assert peak_mb < 900, f"convert peaked at {peak_mb} MB on a {p.stat().st_size} byte file"
+
+
 def test_compressed_data_pkl_is_bounded(tmp_path, monkeypatch):
     p = tmp_path / "pklbomb.pth"
     with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
