@@ -54,9 +54,10 @@ def _base_python() -> str:
 
 
 def _looks_offline(text: str) -> bool:
-    needles = ("Could not find a version that satisfies", "NewConnectionError",
-               "Temporary failure in name resolution", "Network is unreachable",
-               "No matching distribution found", "Max retries exceeded")
+    # network failures only: a missing version ("No matching distribution") with a reachable
+    # index is a real error, not a reason to skip
+    needles = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
+               "Max retries exceeded", "Connection refused", "ConnectTimeoutError", "Name or service not known")
     return any(n in text for n in needles)
 
 
@@ -84,6 +85,8 @@ def ensure(log_path: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another builder finishes first; then we reuse its venv
         if is_ready(root):
             return venv_python(root)
+        for stale in root.parent.glob(root.name + ".tmp-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
         log_path = log_path or root.parent / (root.name + ".build.log")
         try:
