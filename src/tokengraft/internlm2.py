@@ -72,11 +72,11 @@ def check_config(cfg: dict, where: str = "config.json") -> None:
     _dims(cfg)
 
 
-def llama_config(cfg: dict):
+def llama_config(cfg: dict, where: str = "config.json"):
     """The LlamaConfig that computes what the InternLM2 config describes."""
     from transformers import LlamaConfig
 
-    check_config(cfg)
+    check_config(cfg, where)
     heads, kv, head_dim, _ = _dims(cfg)
     rope = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
     if cfg.get("rope_scaling"):
@@ -387,7 +387,7 @@ def load_folder(path, dtype=None):
 
     path = Path(path)
     cfg = read_json(path / "config.json")
-    lcfg = llama_config(cfg)
+    lcfg = llama_config(cfg, str(path / "config.json"))
     sd = to_llama(read_weights(path), cfg)
     with torch.device("meta"):
         model = LlamaForCausalLM(lcfg)
@@ -412,8 +412,17 @@ def load_folder(path, dtype=None):
         vocab = vocab_of(tok)
         manifest = Manifest(base_fingerprint=fingerprint(vocab), base_size=len(vocab), rows=lcfg.vocab_size,
                             tied=False, vocab_fingerprint=fingerprint(vocab))
-    manifest.record("bridge", source_arch=MODEL_TYPE, source=str(path))
+    manifest.record("bridge", source_arch=MODEL_TYPE, source=str(path.resolve()))
     return model, tok, None, manifest
+
+
+def bridge_source(manifest) -> Path | None:
+    """The InternLM2 folder a bridged model came from (the latest ``bridge`` entry of the manifest's
+    history), or None: what ``save_folder`` needs as ``original_folder`` for an InternLM2 export."""
+    for entry in reversed(getattr(manifest, "history", None) or []):
+        if entry.get("op") == "bridge" and entry.get("source_arch") == MODEL_TYPE and entry.get("source"):
+            return Path(entry["source"])
+    return None
 
 
 # -- writing the InternLM2 layout back ------------------------------------------------------------
