@@ -430,6 +430,32 @@ if __name__ != "__main__":
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
+    def test_xtuner_env_builds_atomically_once(tmp_path, monkeypatch):
+        sys.path.insert(0, str(HERE))
+        import xtuner_env
+
+        calls = []
+
+        def fake_pip(py, args, log):  # record instead of installing GBs; fail when asked to
+            calls.append(args)
+            if "boom" in args:
+                raise RuntimeError("pip install boom failed")
+
+        monkeypatch.setattr(xtuner_env, "_pip", fake_pip)
+        monkeypatch.setenv("TOKENGRAFT_XTUNER_VENV", str(tmp_path / "venv"))
+        (tmp_path / "venv.tmp-stale").mkdir()  # what a killed build leaves
+        monkeypatch.setattr(xtuner_env, "REQUIREMENTS", ["boom"])
+        with pytest.raises(RuntimeError, match="boom"):
+            xtuner_env.ensure()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["venv.build.log", "venv.lock"]  # nothing half-built
+        monkeypatch.setattr(xtuner_env, "REQUIREMENTS", ["xtuner==0.2.0"])
+        py = xtuner_env.ensure()
+        assert py == tmp_path / "venv" / "bin" / "python" and py.exists() and xtuner_env.is_ready()
+        n = len(calls)
+        assert xtuner_env.ensure() == py and len(calls) == n  # reused, not rebuilt
+        r = subprocess.run([str(py), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
+        assert r.stdout.strip() == str(tmp_path / "venv")  # the renamed venv knows where it lives
+
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
