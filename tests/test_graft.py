@@ -280,3 +280,54 @@ def test_kl_of_rows_is_the_direct_kl():
     assert torch.allclose(got, direct, atol=1e-5, rtol=1e-4)
     assert abs(mass_of(got) - float(lq[:, new].exp().sum(-1).max())) < 1e-5
     assert float(kl_of_rows(h, w, []).abs().max()) == 0.0
+
+
+# -- special tokens, as transformers registers them (issue 13) --------------------------------------
+
+def _special_view(tok, contents):
+    ids = tok.convert_tokens_to_ids(contents)
+    return [(c in tok.all_special_tokens, i in tok.all_special_ids) for c, i in zip(contents, ids)]
+
+
+def test_special_tokens_registered_like_transformers(smollm2_dir, tmp_path):
+    """New special tokens join all_special_tokens/ids and are saved the way transformers' own
+    add_special_tokens saves them; --not-special ones do not; a reload from disk keeps both."""
+    from conftest import tiny_llama
+    from transformers import AutoTokenizer
+
+    from tokengraft.io import save_folder
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    before = list(tok.all_special_tokens)
+    model = tiny_llama(tok)
+    man = graft(model, tok, [{"content": "<box>"}, {"content": "<plain>", "special": False}, {"content": "</box>"}],
+                init="mean", log=lambda *a: None)
+    assert _special_view(tok, ["<box>", "<plain>", "</box>"]) == [(True, True), (False, False), (True, True)]
+    assert set(before) <= set(tok.all_special_tokens)  # the base's own special tokens stay
+    ids = tok("a <box> b <plain> c </box>")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True).split() == ["a", "b", "<plain>", "c"]
+
+    out = save_folder(tmp_path / "out", model, tok, man)
+    ours = json.loads((out / "tokenizer_config.json").read_text())
+    ref = AutoTokenizer.from_pretrained(smollm2_dir)
+    ref.add_special_tokens({"extra_special_tokens": ["<box>", "</box>"]}, replace_extra_special_tokens=False)
+    ref.save_pretrained(tmp_path / "ref")
+    theirs = json.loads((tmp_path / "ref" / "tokenizer_config.json").read_text())
+    assert ours.get("extra_special_tokens") == theirs.get("extra_special_tokens") == ["<box>", "</box>"]
+    back = AutoTokenizer.from_pretrained(out)
+    assert _special_view(back, ["<box>", "<plain>", "</box>"]) == [(True, True), (False, False), (True, True)]
+
+
+def test_special_tokens_registered_on_llava(llava_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    from tokengraft.io import load_folder, save_folder
+
+    model, tok, proc, man = load_folder(llava_dir)
+    man = graft(model, tok, "<box>,</box>", manifest=man, processor=proc, init="mean", log=lambda *a: None)
+    assert _special_view(tok, ["<box>", "</box>"]) == [(True, True), (True, True)]
+    assert "<image>" in tok.get_vocab()
+    out = save_folder(tmp_path / "out", model, tok, man, processor=proc)
+    back = AutoProcessor.from_pretrained(out).tokenizer
+    assert _special_view(back, ["<box>", "</box>"]) == [(True, True), (True, True)]
+    assert back.convert_tokens_to_ids("<image>") == tok.convert_tokens_to_ids("<image>")

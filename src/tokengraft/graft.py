@@ -143,11 +143,8 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
         manifest.vocab_fingerprint = fingerprint(vocab_before)
         return manifest
 
-    from transformers import AddedToken as HFAddedToken
-
-    for s in todo:
-        tokenizer.add_tokens([HFAddedToken(s.content, special=s.special, normalized=False)],
-                             special_tokens=s.special)
+    for s in todo:  # one at a time: ids follow the user's order, special or not
+        add_token(tokenizer, s.content, s.special)
     vocab_after = vocab_of(tokenizer)
     ids = {s.content: tokenizer.convert_tokens_to_ids(s.content) for s in todo}
     for s in todo:
@@ -190,6 +187,25 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
            if rows != rows_before else f"reused free padding rows, no resize ({rows} rows)")
     log(f"added {len(todo)} token(s) at ids {token_rows[0]}..{token_rows[-1]}; {how}")
     return manifest
+
+
+def add_token(tokenizer, content: str, special: bool) -> None:
+    """Add one token the way transformers registers it: a special token through
+    ``add_special_tokens`` (so it is in ``all_special_tokens`` / ``all_special_ids``, dropped by
+    ``skip_special_tokens=True``, and saved under ``extra_special_tokens`` in tokenizer_config.json,
+    keeping the tokens already there); a non-special one as a plain added token."""
+    from transformers import AddedToken as HFAddedToken
+
+    tok = HFAddedToken(content, special=special, normalized=False)
+    if not special:
+        tokenizer.add_tokens([tok])
+        return
+    params = getattr(tokenizer.add_special_tokens, "__code__", None)
+    names = params.co_varnames if params else ()
+    if "replace_extra_special_tokens" in names:  # transformers 5
+        tokenizer.add_special_tokens({"extra_special_tokens": [tok]}, replace_extra_special_tokens=False)
+    else:  # transformers 4 spelled it "additional"
+        tokenizer.add_special_tokens({"additional_special_tokens": [tok]}, replace_additional_special_tokens=False)
 
 
 @torch.no_grad()
