@@ -268,6 +268,152 @@ def test_tokenizer_changed_behind_the_manifest(tiny_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# -- broken weights (issue 9) --------------------------------------------------------------------
+
+def test_non_finite_rows_refused(tiny_dir, tmp_path, capsys):
+    """NaN/inf in vocabulary rows: export refuses (with or without --verify), one line, exit 2."""
+    from safetensors.torch import load_file, save_file
+
+    from tokengraft.cli import main
+    from tokengraft.export import ExportError, export
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    w = load_file(str(src / "model.safetensors"))
+    w["lm_head.weight"][7, 3] = float("nan")
+    w["lm_head.weight"][9, 0] = float("inf")
+    save_file(w, str(src / "model.safetensors"), metadata={"format": "pt"})
+    for verify_output in (False, True):
+        with pytest.raises(ExportError, match=r"output head has 2 row\(s\) with NaN or inf values \(ids \[7, 9\]"):
+            export(src, tmp_path / "out", verify_output=verify_output, **QUIET)
+    capsys.readouterr()
+    assert main(["export", str(src), "-o", str(tmp_path / "out")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("Loading weights")]  # transformers' bar
+    assert len(err) == 1 and err[0].startswith("tokengraft export: error:") and "NaN or inf" in err[0]
+    assert not (tmp_path / "out").exists() and _no_temp_siblings(tmp_path / "out")
+
+
+# -- export --adapter can't lie (issue 13) ---------------------------------------------------------
+
+def _lora(base_dir, out, seed=3, token_rows=None):
+    """A PEFT LoRA on q_proj (B perturbed) saved to ``out``; ``token_rows``: {id: (embed_row, head_row)}
+    carried as PEFT trainable tokens on both sides (the tiny model is untied)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    ids = sorted(token_rows or {})
+    extra = {"trainable_token_indices": {"embed_tokens": ids, "lm_head": ids}} if ids else {}
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **extra))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            elif "trainable_tokens_delta" in n:
+                side = 1 if "lm_head" in n else 0
+                p.copy_(torch.stack([token_rows[i][side] for i in ids]))
+    pm.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dir, tmp_path_factory):
+    """A run folder as `train --mode lora` leaves it: run.json names the trained tokens and
+    new_rows.safetensors holds their trained rows (different from the base folder's)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from tokengraft.manifest import Manifest
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    run.mkdir()
+    man = Manifest.load(tiny_dir)
+    tokens = [t.content for t in man.tokens]
+    ids = [t.id for t in man.tokens]
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    g = torch.Generator().manual_seed(7)
+    emb = m.get_input_embeddings().weight.detach()[ids] + torch.randn(len(ids), m.config.hidden_size, generator=g) * 0.1
+    head = m.lm_head.weight.detach()[ids] + torch.randn(len(ids), m.config.hidden_size, generator=g) * 0.1
+    save_file({"embed": emb.contiguous(), "head": head.contiguous()}, str(run / "new_rows.safetensors"),
+              metadata={"tokens": json.dumps(tokens), "tied": "false", "format": "tokengraft-rows"})
+    (run / "run.json").write_text(json.dumps({"base_model": "elsewhere", "mode": "lora", "new_tokens": tokens}))
+    man.save(run)
+    return {"run": run, "ids": ids, "rows": {i: (emb[k], head[k]) for k, i in enumerate(ids)}}
+
+
+def test_adapter_without_the_trained_rows_refused(tiny_dir, trained_run, tmp_path, capsys):
+    from tokengraft.cli import main
+    from tokengraft.export import ExportError, export
+
+    run = trained_run["run"]
+    plain = _lora(tiny_dir, run / "adapter-plain")
+    with pytest.raises(ExportError, match=r"does not carry them .*pass the run folder instead: `tokengraft export"):
+        export(tiny_dir, tmp_path / "out", adapter=plain, verify_output=True, **QUIET)
+    capsys.readouterr()
+    assert main(["export", str(tiny_dir), "--adapter", str(plain), "-o", str(tmp_path / "out"), "--verify"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("Loading weights")]
+    assert len(err) == 1 and err[0].startswith("tokengraft export: error:") and str(run) in err[0]
+    assert not (tmp_path / "out").exists()
+    # an untied model: an adapter carrying only the input side drops the trained head rows
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                        LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=trained_run["ids"]))
+    pm.save_pretrained(run / "adapter-input-only")
+    with pytest.raises(ExportError, match="does not carry them"):
+        export(tiny_dir, tmp_path / "out", adapter=run / "adapter-input-only", **QUIET)
+
+
+def test_adapter_with_rows_verified_against_peft(tiny_dir, trained_run, tmp_path):
+    """An adapter that carries the rows (PEFT trainable tokens) exports, and --verify compares the
+    reload with PEFT's own load of the adapter: the rows in the export are the trained ones."""
+    from transformers import AutoModelForCausalLM
+
+    from tokengraft.export import export
+
+    run = trained_run["run"]
+    good = _lora(tiny_dir, run / "adapter", token_rows=trained_run["rows"])
+    rep = export(tiny_dir, tmp_path / "out", adapter=good, verify_output=True, **QUIET)
+    assert rep.verify.ok and rep.verify.reference == "PEFT load of the adapter", rep.verify.problems
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for i, (e, h) in trained_run["rows"].items():
+        assert torch.allclose(got.get_input_embeddings().weight[i], e) and torch.allclose(got.lm_head.weight[i], h)
+
+
+def test_base_already_holding_the_rows_passes(tiny_dir, trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tokengraft.export import export
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    w = load_file(str(base / "model.safetensors"))
+    for i, (e, h) in trained_run["rows"].items():
+        w["model.embed_tokens.weight"][i], w["lm_head.weight"][i] = e, h
+    save_file(w, str(base / "model.safetensors"), metadata={"format": "pt"})
+    plain = trained_run["run"] / "adapter-plain"
+    if not plain.exists():
+        _lora(tiny_dir, plain)
+    assert export(base, tmp_path / "out", adapter=plain, **QUIET).kind == "hf"
+
+
+def test_verify_does_not_trust_the_merge(tiny_dir, tmp_path, monkeypatch):
+    """A wrong merge (here: the LoRA dropped) is caught, because verify compares with PEFT's own
+    unmerged load of the adapter, not with the merged object it wrote."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from tokengraft.export import VerifyError, export
+
+    adapter = _lora(tiny_dir, tmp_path / "adapter")
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+    with pytest.raises(VerifyError) as e:
+        export(tiny_dir, tmp_path / "out", adapter=adapter, verify_output=True, **QUIET)
+    assert any("max |logit diff|" in p for p in e.value.report.problems)
+    assert not (tmp_path / "out").exists()
+
+
 # -- training runs (tokengraft train) -------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -50,23 +50,29 @@ def merge_adapter(model, tokenizer, manifest: Manifest | None, adapter, base=Non
     return merged
 
 
-def carried_token_ids(adapter) -> set[int]:
-    """The token ids whose rows the adapter itself sets (PEFT ``trainable_token_indices``, a list
-    or a {module: list} mapping), provided its weights hold ``trainable_tokens_delta`` tensors."""
+def carried_token_ids(adapter, head_name: str = "lm_head") -> dict[str, set[int]]:
+    """The token ids whose rows the adapter itself sets, per side ("embed", "head"): PEFT's
+    ``trainable_token_indices`` (a list: the input embedding, and a tied head with it; or a
+    {module: ids} mapping), provided its weights hold ``trainable_tokens_delta`` tensors."""
     a = Path(adapter)
     cfg = json.loads((a / "adapter_config.json").read_text(encoding="utf-8"))
-    idx = cfg.get("trainable_token_indices") or cfg.get("token_indices")
+    idx = cfg.get("trainable_token_indices")
     if not idx:
-        return set()
-    ids = {int(i) for v in (idx.values() if isinstance(idx, dict) else [idx]) for i in v}
+        return {}
     weights = a / "adapter_model.safetensors"
     if weights.is_file():
         from safetensors import safe_open
 
         with safe_open(str(weights), "pt") as f:
             if not any("trainable_tokens_delta" in k for k in f.keys()):
-                return set()
-    return ids
+                return {}
+    if not isinstance(idx, dict):
+        return {"embed": {int(i) for i in idx}}
+    out: dict[str, set[int]] = {}
+    for module, ids in idx.items():
+        side = "head" if module.split(".")[-1] == head_name else "embed"
+        out.setdefault(side, set()).update(int(i) for i in ids)
+    return out
 
 
 def check_rows_carried(model, tokenizer, adapter, base=None) -> None:
@@ -89,7 +95,10 @@ def check_rows_carried(model, tokenizer, adapter, base=None) -> None:
         raise ExportError(f"{a}: the run trained rows for {missing[:3]} but {base or 'the model'} has no such "
                           f"token(s); pass the run folder instead: `tokengraft export {run} -o OUT`")
     ids = {t: vocab[t] for t in trained}
-    if set(ids.values()) <= carried_token_ids(a):
+    head_name = _head_name(model)
+    carried = carried_token_ids(a, head_name)
+    sides = ["embed"] + ([] if is_tied(model) or head_name is None else ["head"])
+    if all(set(ids.values()) <= carried.get(side, set()) for side in sides):
         return
     # the adapter does not carry the rows: fine only if the base already holds the trained values
     held = _base_holds_rows(model, ids, run / ROWS_FILE)
@@ -100,6 +109,13 @@ def check_rows_carried(model, tokenizer, adapter, base=None) -> None:
                       f"does not carry them (no trainable_token_indices) and {base or 'the base'} does not hold the "
                       f"trained rows{' (its rows differ from the trained ones)' if held is False else ''}; pass the run "
                       f"folder instead: `tokengraft export {run} -o OUT`")
+
+
+def _head_name(model) -> str | None:
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    return next((n.split(".")[-1] for n, m in model.named_modules() if m is head), None)
 
 
 def _base_holds_rows(model, ids: dict[str, int], rows_file: Path) -> bool | None:
