@@ -287,3 +287,16 @@ def test_cli_add_then_doctor(internlm2_dir, tmp_path):
         got = model(ids).logits[0, :, :32006]
     assert (got - reference_logits(internlm2_dir, ids[0])).abs().max().item() <= 1e-4
     assert tok.convert_tokens_to_ids("<ref>") == 32008
+
+
+def test_export_uses_the_source_the_manifest_records(internlm2_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model, tok, _, manifest = internlm2.load_folder(internlm2_dir, torch.bfloat16)
+    assert internlm2.bridge_source(manifest) == internlm2_dir.resolve()
+    out = internlm2.export_internlm2(model, tok, tmp_path / "e", manifest)
+    a, b = load_file(str(internlm2_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and sorted(a) == sorted(b)
+    manifest.history = [h for h in manifest.history if h["op"] != "bridge"]
+    with pytest.raises(TokengraftError, match="records no InternLM2 source"):
+        internlm2.export_internlm2(model, tok, tmp_path / "f", manifest)

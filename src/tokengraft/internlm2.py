@@ -550,3 +550,15 @@ def _write_tokenizer_files(original_folder: Path, tmp: Path, new: list) -> None:
         if isinstance(extra, list):
             sm["additional_special_tokens"] = extra + [t.content for _, t in new if t.special and t.content not in extra]
             smap.write_text(json.dumps(sm, indent=2, ensure_ascii=False) + "\n")
+
+
+def export_internlm2(model, tokenizer, out, manifest, original_folder=None, overwrite: bool = False) -> Path:
+    """What ``export --layout internlm2`` calls: ``save_folder`` against the InternLM2 folder the model
+    was bridged from (``original_folder``, else the one the manifest records)."""
+    src = Path(original_folder) if original_folder else bridge_source(manifest)
+    if src is None:
+        raise InternLM2Error("--layout internlm2: the manifest records no InternLM2 source folder (this model "
+                             "was not read from an InternLM2 folder); pass the original InternLM2 folder")
+    if not (src / "config.json").is_file():
+        raise InternLM2Error(f"--layout internlm2: the InternLM2 source folder {src} is gone; pass it where it is now")
+    return save_folder(model, tokenizer, out, src, manifest=manifest, overwrite=overwrite)
