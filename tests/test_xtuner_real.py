@@ -140,7 +140,7 @@ def _vocab(tokenizer_dir: Path) -> list[str]:
     return tok.convert_ids_to_tokens(list(range(len(tok))))
 
 
-def _rows_match(model, work: Path) -> dict:
+def _rows_match(model, work: Path, rounded=None) -> dict:
     """Do the model's rows equal the *original* (old-vocabulary) checkpoint's rows for the same
     token strings? Compared by string, so it checks the conversion and the load together."""
     import torch
@@ -149,6 +149,8 @@ def _rows_match(model, work: Path) -> dict:
     old, new = _vocab(work / "old_llm"), _vocab(work / "new_llm")
     new_id = {t: i for i, t in enumerate(new)}
     ck_rows = ck["llm.model.embed_tokens.weight"]
+    if rounded is not None:  # the loader went through this dtype: compare with the rows rounded alike
+        ck_rows = ck_rows.to(rounded).float()
     emb = model.llm.get_input_embeddings().weight.detach()
     head = model.llm.get_output_embeddings().weight.detach()
     mi = torch.tensor([new_id[t] for t in old])
@@ -161,8 +163,45 @@ def _rows_match(model, work: Path) -> dict:
 def _ckpt_rows(path: Path) -> int:
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"][
-        "llm.model.embed_tokens.weight"].shape[0]
+    if path.is_dir():  # DeepSpeed: the model states' `module` (XTuner itself reads the fp32 partitions)
+        sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return sd["llm.model.embed_tokens.weight"].shape[0]
+
+
+def stage_deepspeed(work: Path):
+    """Lay the trained iter_4.pth out as XTuner's DeepSpeed ZeRO-2 folder (world size 1), the way
+    DeepSpeed saves it: model states (bf16 `module`, `param_shapes` in parameter order, the tied
+    head as a shared param) and one optimizer partition holding the flat fp32 master weights.
+    Then check XTuner's own pretrained_pth reads it back at the old vocabulary."""
+    import collections
+
+    import torch
+    from mmengine.registry import MODELS
+
+    sd = torch.load(work / "run_old" / "iter_4.pth", map_location="cpu", weights_only=False)["state_dict"]
+    shared = {"llm.lm_head.weight": "llm.model.embed_tokens.weight"}
+    order = [k for k in sd if k not in shared]
+    flat = torch.cat([sd[k].float().reshape(-1) for k in order])
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 2)])  # ZeRO-2 aligns to 2 * world size
+    ds = work / "ds_iter_4.pth"
+    ds.mkdir()
+    torch.save({"module": {k: v.to(torch.bfloat16) for k, v in sd.items()}, "buffer_names": [],
+                "param_shapes": [collections.OrderedDict((k, sd[k].shape) for k in order)],
+                "frozen_param_shapes": None, "frozen_param_fragments": None, "shared_params": shared,
+                "ds_version": "0.16.2", "global_steps": 4, "iter": 4},
+               ds / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": 1, "loss_scaler": None,
+                                         "single_partition_of_fp32_groups": [flat],
+                                         "optimizer_state_dict": {"state": {}, "param_groups": []}},
+                "ds_config": {"zero_optimization": {"stage": 2}}, "ds_version": "0.16.2"},
+               ds / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    model = MODELS.build(_model_cfg(work, "old_llm", pretrained_pth=str(ds)))
+    emb = model.llm.get_input_embeddings().weight.detach()
+    fp16 = sd["llm.model.embed_tokens.weight"].half().float()  # XTuner rebuilds DeepSpeed weights in fp16
+    return {"rows_equal": int((emb == fp16).all(dim=1).sum()),
+            "tied": emb.data_ptr() == model.llm.get_output_embeddings().weight.data_ptr()}
 
 
 def stage_train(work: Path):
@@ -183,6 +222,7 @@ def stage_train(work: Path):
 
 def stage_load(work: Path, ckpt: str):
     """LLaVAModel(pretrained_pth=ckpt) at the new vocabulary: loads, or the error's first line."""
+    import torch
     from mmengine.registry import MODELS
 
     try:
@@ -192,11 +232,15 @@ def stage_load(work: Path, ckpt: str):
         # what Runner(load_from=...) does with the same file: mmengine's non-strict load only warns
         from mmengine.runner import load_checkpoint
 
-        model = MODELS.build(_model_cfg(work, "new_llm"))
-        load_checkpoint(model, str(work / ckpt), map_location="cpu", strict=False)
-        return {"loaded": False, "error": f"{type(e).__name__}: {' '.join(lines[:2])}",
-                "load_from": _rows_match(model, work)}
-    return {"loaded": True, "ckpt_rows": _ckpt_rows(work / ckpt), **_rows_match(model, work)}
+        facts = {"loaded": False, "error": f"{type(e).__name__}: {' '.join(lines[:2])}"}
+        if (work / ckpt).is_file():
+            model = MODELS.build(_model_cfg(work, "new_llm"))
+            load_checkpoint(model, str(work / ckpt), map_location="cpu", strict=False)
+            facts["load_from"] = _rows_match(model, work)
+        return facts
+    # XTuner rebuilds a DeepSpeed folder's weights in fp16 (zero_to_any_dtype.DEFAULT_DTYPE)
+    rounded = torch.float16 if (work / ckpt).is_dir() else None
+    return {"loaded": True, "ckpt_rows": _ckpt_rows(work / ckpt), **_rows_match(model, work, rounded)}
 
 
 class _Probe:
@@ -258,7 +302,8 @@ def stage_continue(work: Path, ckpt: str, run_dir: str, resume: bool, helper: bo
 def _main(argv):
     _xtuner_setup()
     stage, work = argv[0], Path(argv[1])
-    fn = {"prepare": stage_prepare, "train": stage_train, "load": stage_load, "continue": stage_continue}[stage]
+    fn = {"prepare": stage_prepare, "train": stage_train, "load": stage_load, "continue": stage_continue,
+          "deepspeed": stage_deepspeed}[stage]
     args = [a == "true" if a in ("true", "false") else a for a in argv[2:]]
     facts = fn(work, *args)
     print("FACTS " + json.dumps(facts))
@@ -381,6 +426,24 @@ if __name__ != "__main__":
         facts = _stage(py, "continue", work, "run_old/iter_4.pth", "run_helper", "false", "true")
         assert facts["model_rows"] == prep["new_rows"] and facts["ckpt_rows"] == prep["old_rows"], facts
         assert facts["rows_equal"] == prep["old_rows"] and facts["tied"] and facts["finite"], facts
+
+    @slow
+    def test_converted_deepspeed_folder_loads_via_pretrained_pth(trained):
+        py, work, prep, _ = trained
+        facts = _stage(py, "deepspeed", work)  # the hand-laid folder is what XTuner reads: all rows back
+        assert facts["rows_equal"] == prep["old_rows"] and facts["tied"], facts
+        out = work / "ds_iter_4_new.pth"
+        r = _tokengraft_convert(work / "ds_iter_4.pth", work / "new_llm", out, work / "old_llm")
+        assert r.returncode == 0 and out.is_dir(), r.stderr
+        facts = _stage(py, "load", work, out.name)
+        if not facts["loaded"] and "optim_states" in facts["error"]:
+            # XTuner's guess_load_checkpoint rebuilds the weights from the optimizer partitions'
+            # fp32 master copy (single_partition_of_fp32_groups) and param_shapes only: without
+            # remapped partitions it cannot load the folder at all
+            pytest.xfail(f"convert drops the DeepSpeed optimizer partitions; XTuner needs them: {facts['error']}")
+        assert facts["loaded"] and facts["model_rows"] == prep["new_rows"], facts
+        # XTuner rebuilds from the fp32 partition, cast to fp16: rows equal the fp16-rounded originals
+        assert facts["rows_equal"] == prep["old_rows"] and facts["tied"], facts
 
     # ---------------------------------------------------------------- xtuner_helper, fast (torch only)
 

@@ -24,6 +24,9 @@ from pathlib import Path
 # torch/torchvision: the pair that exists here for x86_64 (torchvision is imported by
 # xtuner.dataset; the project's CPU torch 2.13 has no matching torchvision).
 REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "xtuner==0.2.0"]
+# XTuner reads a DeepSpeed checkpoint folder with deepspeed's constants only: no ops are built
+# (DS_BUILD_OPS=0), and its setup.py imports torch, so it installs after torch without isolation
+DEEPSPEED = ["deepspeed==0.16.2"]
 MARKER = "tokengraft-xtuner-venv.txt"  # written last: its presence means "complete"
 
 
@@ -43,9 +46,17 @@ def venv_python(root: Path | None = None) -> Path:
     return (root or venv_dir()) / "bin" / "python"
 
 
+def _marker_text() -> str:
+    return "\n".join(REQUIREMENTS + DEEPSPEED) + "\n"
+
+
 def is_ready(root: Path | None = None) -> bool:
+    """Built, complete, and with today's requirements (a changed list rebuilds)."""
     root = root or venv_dir()
-    return (root / MARKER).is_file() and venv_python(root).exists()
+    try:
+        return (root / MARKER).read_text() == _marker_text() and venv_python(root).exists()
+    except OSError:
+        return False
 
 
 def _base_python() -> str:
@@ -65,7 +76,8 @@ def _pip(py: Path, args: list[str], log) -> None:
     cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", *args]
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       env=dict(os.environ, DS_BUILD_OPS="0"))
     log.write(p.stdout)
     log.flush()
     if p.returncode != 0:
@@ -95,7 +107,9 @@ def ensure(log_path: Path | None = None) -> Path:
                 py = venv_python(tmp)
                 _pip(py, ["--upgrade", "pip"], log)
                 _pip(py, REQUIREMENTS, log)
-                (tmp / MARKER).write_text("\n".join(REQUIREMENTS) + "\n")
+                if DEEPSPEED:
+                    _pip(py, ["--no-build-isolation", *DEEPSPEED], log)
+                (tmp / MARKER).write_text(_marker_text())
             if root.exists():  # an incomplete leftover (no marker): replace it
                 shutil.rmtree(root)
             tmp.rename(root)
