@@ -87,28 +87,49 @@ def tekken_dir() -> Path:
     return _publish(lambda tmp: shutil.copy(src, tmp / "tekken.json"), cache_dir() / "tekken")
 
 
+def _llama_cpp_members(tmp: Path, wanted) -> None:
+    """Download the llama-cpp-python sdist into ``tmp`` and extract the members of its
+    ``vendor/llama.cpp/`` for which ``wanted(relative_path)`` is true, keeping their paths."""
+    import subprocess
+    import sys
+
+    dl = tmp / ".dl"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                    "-d", str(dl), LLAMA_CPP_SDIST], check=True)
+    sdist = next(dl.glob("*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        for m in tar.getmembers():
+            if not m.isfile() or "/vendor/llama.cpp/" not in m.name:
+                continue
+            rel = m.name.split("/vendor/llama.cpp/", 1)[1]
+            if ".." in Path(rel).parts or not wanted(rel):
+                continue
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(m) as f, open(dest, "wb") as out:
+                shutil.copyfileobj(f, out)
+    shutil.rmtree(dl)
+
+
 def llama_cpp_vocab_dir() -> Path:
     """llama.cpp's vocab-only GGUF files (``ggml-vocab-qwen2.gguf`` ...), extracted from the
     llama-cpp-python source distribution (fetched by `make assets`, or here with pip download)."""
     def build(tmp: Path):
-        import subprocess
-        import sys
-
-        dl = tmp / "dl"
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        "-d", str(dl), LLAMA_CPP_SDIST], check=True)
-        sdist = next(dl.glob("*.tar.gz"))
-        with tarfile.open(sdist) as tar:
-            for m in tar.getmembers():
-                base = os.path.basename(m.name)
-                if m.isfile() and "/vendor/llama.cpp/" in m.name and (
-                        (m.name.split("/vendor/llama.cpp/")[1].startswith("models/ggml-vocab-")
-                         and base.endswith(".gguf")) or m.name.endswith("/vendor/llama.cpp/LICENSE")):
-                    with tar.extractfile(m) as f, open(tmp / base, "wb") as out:
-                        shutil.copyfileobj(f, out)
-        shutil.rmtree(dl)
+        _llama_cpp_members(tmp, lambda rel: rel == "LICENSE" or (rel.startswith("models/ggml-vocab-")
+                                                                  and rel.endswith(".gguf")))
+        for f in (tmp / "models").glob("*.gguf"):  # flat, as before
+            f.rename(tmp / f.name)
+        shutil.rmtree(tmp / "models", ignore_errors=True)
 
     return _publish(build, cache_dir() / "llama-cpp-vocab")
+
+
+def llama_cpp_converter_dir() -> Path:
+    """llama.cpp's ``convert_hf_to_gguf.py`` with what it imports (``conversion/``, its own
+    ``gguf-py``) and its LICENSE, from the same sdist: a consumer for tests, never shipped."""
+    keep = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/")
+    return _publish(lambda tmp: _llama_cpp_members(tmp, lambda rel: rel.startswith(keep)),
+                    cache_dir() / "llama-cpp-converter")
 
 
 def real_images() -> dict:
@@ -124,7 +145,7 @@ def real_images() -> dict:
 
 
 if __name__ == "__main__":  # `python -m tokengraft.demo.assets`: prepare every asset once (CI, make setup)
-    for fn in (smollm2_dir, mistral_tokenizer_dir, tekken_dir, llama_cpp_vocab_dir):
+    for fn in (smollm2_dir, mistral_tokenizer_dir, tekken_dir, llama_cpp_vocab_dir, llama_cpp_converter_dir):
         try:
             print(fn.__name__, "->", fn())
         except Exception as e:  # report and go on: tests needing it skip with this reason
