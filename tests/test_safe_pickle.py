@@ -421,18 +421,23 @@ def test_safe_save_round_trips_edits_and_tensors(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_write_back_never_runs_the_recorded_globals(tmp_path):
+def test_write_back_refuses_globals_that_run_code(tmp_path):
+    import os
+
     hit = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
-            import os
             return (os.system, (f"touch {hit}",))
 
-    torch.save({"w": torch.ones(2), "evil": Evil()}, tmp_path / "evil.pt")
-    obj = safe_load(tmp_path / "evil.pt")
-    safe_save(obj, tmp_path / "evil_out.pt")
-    assert not hit.exists()
-    again = safe_load(tmp_path / "evil_out.pt")  # the same inert global, still not run
-    assert repr(again["evil"]) == repr(obj["evil"]) and again["evil"].args == obj["evil"].args
-    assert not hit.exists()
+    class Opener:
+        def __reduce__(self):
+            return (open, (str(hit), "w"))
+
+    for payload in (Evil(), Opener(), {"nested": [Evil()]}):
+        torch.save({"w": torch.ones(2), "evil": payload}, tmp_path / "evil.pt")
+        obj = safe_load(tmp_path / "evil.pt")
+        msg = one_line_error(lambda: safe_save(obj, tmp_path / "evil_out.pt"))
+        assert "refusing to write back" in msg and ("system" in msg or "open" in msg), msg
+        assert not hit.exists() and not (tmp_path / "evil_out.pt").exists()
+        assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -8,6 +8,9 @@ imported: the global is written as text. So a converted mmengine ``iter_N.pth`` 
 ``torch.load(out, weights_only=False)`` in an environment that has mmengine, rebuilding the same
 ``HistoryBuffer``/numpy objects the input held -- and nothing from the input ran here.
 
+A global that runs code or touches files when loaded (``os.system``, ``builtins.eval``,
+``subprocess.*``, ...) is refused with one line instead of being handed on.
+
 Caveat: tensors come back as plain tensors (``nn.Parameter`` wrappers are not kept); checkpoints
 hold state dicts, whose tensors are plain already.
 """
@@ -21,7 +24,23 @@ from pathlib import Path
 
 import torch
 
-from .safe_pickle import placeholder_global
+from .safe_pickle import UnsafeCheckpointError, placeholder_global
+
+# Globals that run code, touch files or the network when a pickle is loaded. A checkpoint naming
+# one is hostile: tokengraft never ran it, and will not hand it on inside a file that looks
+# converted (a guard against the classic payloads, not a proof of safety: see docs).
+_CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",
+                 "code", "codeop", "ctypes", "pickle", "_pickle", "marshal", "pathlib", "io", "_io", "codecs",
+                 "tempfile", "glob", "zipfile", "tarfile", "urllib", "http", "ftplib", "smtplib", "telnetlib",
+                 "webbrowser", "multiprocessing", "threading", "asyncio", "signal", "requests", "commands",
+                 "platform", "pdb", "timeit", "cProfile", "profile", "trace", "site"}
+_CODE_BUILTINS = {"eval", "exec", "compile", "__import__", "open", "input", "breakpoint", "globals", "locals",
+                  "vars", "setattr", "delattr", "exit", "quit", "help", "memoryview"}
+
+
+def _runs_code(module: str, name: str) -> bool:
+    top = module.split(".")[0]
+    return top in _CODE_MODULES or (top in ("builtins", "__builtin__") and name in _CODE_BUILTINS)
 
 
 class _Pickler(pickle._Pickler):
@@ -33,6 +52,11 @@ class _Pickler(pickle._Pickler):
         if ref is None:
             return super().save_global(obj, name)
         module, qualname = ref
+        if _runs_code(module, qualname):
+            raise UnsafeCheckpointError(
+                f"refusing to write back {module}.{qualname}: the input names a global that runs code or "
+                f"touches files when the checkpoint is loaded (tokengraft never ran it); do not torch.load "
+                f"the input either")
         if self.proto >= 4:
             self.save(module)
             self.save(qualname)
