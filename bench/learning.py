@@ -70,7 +70,7 @@ def main(argv=None):
     from tokengraft.demo.data import make_grounding_dataset
     from tokengraft.demo.llava import COMPACT_CHATML, build_llava
     from tokengraft.train.metrics import read_metrics
-    from tokengraft.train.trainer import TrainConfig, train
+    from tokengraft.train.loop import TrainConfig, train
 
     work = Path(tempfile.mkdtemp(prefix="tg-learning-"))
     results = []

@@ -424,7 +424,7 @@ def grounding(tmp_path_factory):
 
 
 def _train(base, data, out, mode):
-    from tokengraft.train.trainer import TrainConfig, train
+    from tokengraft.train.loop import TrainConfig, train
 
     return train(TrainConfig(model=str(base), data=str(data["train"]), image_folder=str(data["image_folder"]),
                              tokens=data["tokens"], init="mean", template="chatml", output_dir=str(out),

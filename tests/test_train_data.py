@@ -131,9 +131,14 @@ def test_preflight_catches_each_problem(tmp_path, tok, img_id):
     assert [s for s, _, _ in rep.too_long] == ["too-long"]
     assert rep.token_counts == {"<ref>": 1, "</ref>": 1, "<never>": 0}
     assert set(rep.unknown_tags) == {"<box>", "</box>"}  # written in the data, never added
-    text = " ".join(rep.problems)
+    text = " ".join(p.message for p in rep.problems)
     for needle in ("missing image", "unreadable", "<box>", "<never>"):
         assert needle in text, needle
+    # callers decide by code, never by the wording
+    assert [p.code for p in rep.problems] == ["missing-images", "unreadable-images", "unknown-tags",
+                                              "tokens-never-appear"]
+    nofolder = preflight(records[1:2], tok, [], template="chatml", image_token_id=img_id, n_image_tokens=49)
+    assert [p.code for p in nofolder.problems] == ["no-image-folder"]
     assert "too long: sample too-long" in rep.format()
 
 
@@ -174,7 +179,7 @@ def test_config_keys_are_flags(tmp_path):
     c = config_from_args(args)
     assert (c.mode, c.lr, c.max_steps, c.progress, c.model) == ("lora", 0.25, 7, False, "m")
     cfg.write_text("model: m\nlearning_rate: 1\n")
-    from tokengraft.train.trainer import TrainError
+    from tokengraft.train.config import TrainError
 
     with pytest.raises(TrainError, match="unknown key"):
         config_from_args(build_parser().parse_args(["train", str(cfg)]))

@@ -104,7 +104,7 @@ def _base_type(tp):
 
 
 def register(sub, name):
-    from ..train.trainer import TrainConfig
+    from ..train.config import TrainConfig
 
     p = sub.add_parser(name, help="fine-tune with new tokens (rows | lora | full), checkpoints, resume",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -135,7 +135,7 @@ def load_config(path) -> dict:
 
     import yaml
 
-    from ..train.trainer import TrainError
+    from ..train.config import TrainError
 
     p = Path(path)
     try:
@@ -150,7 +150,7 @@ def load_config(path) -> dict:
 
 
 def config_from_args(args):
-    from ..train.trainer import TrainConfig
+    from ..train.config import TrainConfig
 
     d = load_config(args.config) if args.config else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -164,7 +164,25 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..train.trainer import train
+    import sys
 
-    train(config_from_args(args))
+    from ..train.loop import train
+
+    cfg = config_from_args(args)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        print(f"tokengraft train: {interrupted(cfg.output_dir)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted(output_dir) -> str:
+    """What an interruption left: the checkpoint to resume from, or a folder a plain rerun restarts."""
+    from ..train.run import last_checkpoint
+
+    last = last_checkpoint(output_dir) if output_dir else None
+    if last is not None:
+        return f"interrupted; the last checkpoint is {last}: continue with the same command and --resume"
+    return ("interrupted before the first checkpoint; nothing to resume: run the same command again "
+            "(no --overwrite needed)")

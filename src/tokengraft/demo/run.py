@@ -40,7 +40,7 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     from ..train.data import renderer, prompt_of
     from ..train.metrics import plot
     from ..train.run import load_run
-    from ..train.trainer import TrainConfig, train
+    from ..train.loop import TrainConfig, train
     from .data import make_grounding_dataset
     from .evaluate import answer, chance_iou, draw_predictions, score
     from .llava import COMPACT_CHATML, build_llava

@@ -55,6 +55,9 @@ def load_records(path) -> list[dict]:
             if not isinstance(t, dict) or t.get("from") not in ROLE or not isinstance(t.get("value"), str):
                 raise DataError(f"{p}: record {i} ({r.get('id', i)}): each turn needs 'from' in "
                                 f"{sorted(ROLE)} and a string 'value'")
+        if r.get("image") is not None and not any(ROLE[t["from"]] == "user" for t in conv):
+            raise DataError(f"{p}: record {i} ({r.get('id', i)}) has an image but no human turn to put it in; "
+                            f"add a {{\"from\": \"human\", \"value\": \"<image>...\"}} turn or drop the image")
     return recs
 
 

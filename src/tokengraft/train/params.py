@@ -96,14 +96,6 @@ class NewRows(nn.Module):
             self.head.copy_(rows["head"].to(self.head.dtype) - w_out[self.ids].to(self.head.dtype))
 
 
-def new_rows_of(model) -> NewRows | None:
-    """The NewRows module of a (possibly PEFT- or DDP-wrapped) model."""
-    for m in model.modules():
-        if isinstance(m, NewRows):
-            return m
-    return None
-
-
 @torch.no_grad()
 def write_rows(model, ids: list[int], rows: dict[str, torch.Tensor], tied: bool) -> None:
     """Write effective rows straight into the embedding (and untied head): used when merging."""
@@ -125,7 +117,7 @@ def _is_projector(name: str) -> bool:
 
 @dataclass
 class Plan:
-    """What a mode made trainable; ``groups`` feeds the optimizer."""
+    """What a mode made trainable (``param_groups`` builds the optimizer groups from it)."""
     mode: str
     model: nn.Module  # the model to train (a PeftModel in lora mode)
     rows: NewRows

@@ -24,6 +24,14 @@ class PreflightError(TokengraftError):
     pass
 
 
+@dataclass(frozen=True)
+class Problem:
+    """A pre-flight finding that stops training. Callers decide by ``code`` (e.g. a flag that waives
+    ``unknown-tags``); ``message`` is for people and may be reworded freely."""
+    code: str  # no-image-folder | missing-images | unreadable-images | unknown-tags | tokens-never-appear
+    message: str
+
+
 @dataclass
 class Report:
     samples: int = 0
@@ -34,26 +42,37 @@ class Report:
     token_counts: dict = field(default_factory=dict)  # new token -> occurrences in the data
     unknown_tags: dict = field(default_factory=dict)  # string -> (count, first sample id)
     max_length: int = 0
+    image_folder: str | None = None
 
     @property
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """Problems that stop training unless the user says otherwise."""
         out = []
         if self.missing_images:
-            out.append(f"{len(self.missing_images)} missing image(s), e.g. {self.missing_images[0][1]} "
-                       f"(sample {self.missing_images[0][0]}); check --image-folder")
+            sid, path = self.missing_images[0]
+            if self.image_folder is None:
+                out.append(Problem("no-image-folder", f"{len(self.missing_images)} image(s) not found, e.g. {path} "
+                                   f"(sample {sid}), and no --image-folder was given: pass the folder the "
+                                   f"records' image paths are relative to"))
+            else:
+                out.append(Problem("missing-images", f"{len(self.missing_images)} missing image(s), e.g. {path} "
+                                   f"(sample {sid}); check --image-folder"))
         if self.unreadable_images:
             sid, path, why = self.unreadable_images[0]
-            out.append(f"{len(self.unreadable_images)} unreadable image(s), e.g. {path} (sample {sid}: {why})")
+            out.append(Problem("unreadable-images",
+                               f"{len(self.unreadable_images)} unreadable image(s), e.g. {path} (sample {sid}: {why})"))
         if self.unknown_tags:
             tags = ", ".join(list(self.unknown_tags)[:6])
-            out.append(f"{len(self.unknown_tags)} tag(s) in the data look like special tokens but are not in the "
-                       f"vocabulary ({tags}); they would be learned as plain text pieces: add them with --tokens "
-                       f"(or --tokens from-data 'PATTERN'), or pass --allow-text-tags if that is intended")
+            out.append(Problem("unknown-tags",
+                               f"{len(self.unknown_tags)} tag(s) in the data look like special tokens but are not "
+                               f"in the vocabulary ({tags}); they would be learned as plain text pieces: add them "
+                               f"with --tokens (or --tokens from-data 'PATTERN'), or pass --allow-text-tags if that "
+                               f"is intended"))
         missing = [t for t, c in self.token_counts.items() if c == 0]
         if missing:
-            out.append(f"{len(missing)} new token(s) never appear in the data ({', '.join(missing[:6])}); "
-                       f"their rows cannot learn: drop them from --tokens or fix the data")
+            out.append(Problem("tokens-never-appear",
+                               f"{len(missing)} new token(s) never appear in the data ({', '.join(missing[:6])}); "
+                               f"their rows cannot learn: drop them from --tokens or fix the data"))
         return out
 
     def format(self) -> str:
@@ -108,7 +127,7 @@ def check_image(path: Path) -> str | None:
 
 def preflight(records, tokenizer, new_tokens, *, image_folder=None, template="tokenizer", max_length=2048,
               image_token_id=None, n_image_tokens=0, train_on="assistant", check_images=True) -> Report:
-    rep = Report(samples=len(records), max_length=max_length)
+    rep = Report(samples=len(records), max_length=max_length, image_folder=image_folder)
     render = renderer(tokenizer, template)
     known = set(tokenizer.get_vocab()) | set(new_tokens)  # new tokens will be grafted before training
     counts = Counter()

@@ -37,6 +37,7 @@ ROWS_FILE = "new_rows.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
 FULL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_DIR = "adapter"  # lora mode: a PEFT adapter folder (PeftModel.from_pretrained reads it alone)
 RUN_SCHEMA = 1
 
 
@@ -175,6 +176,12 @@ def checkpoints(run_dir) -> list[Path]:
     """A run's checkpoint-N folders, oldest first."""
     cks = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(cks, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def last_checkpoint(run_dir) -> Path | None:
+    """The newest checkpoint-N that finished saving (transformers writes trainer_state.json last)."""
+    done = [c for c in checkpoints(run_dir) if (c / "trainer_state.json").is_file()]
+    return done[-1] if done else None
 
 
 def _parts_folder(path: Path) -> Path:

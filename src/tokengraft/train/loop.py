@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -17,86 +19,39 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..graft import graft, parse_tokens
 from ..hf import image_token_id as image_token_id_of
 from ..io import load_folder
-from ..vocab import fingerprint, vocab_of
+from ..manifest import Manifest
+from ..vocab import RowMap, fingerprint, vocab_of
+from .config import RESUME_LATEST, TrainConfig, TrainError
 from .data import Collator, LlavaDataset, image_token_count, load_records, renderer
-from .metrics import MetricsWriter, generation_eval, plot, row_norms, summarize, token_stats
-from .params import MODES, param_groups, prepare
+from .metrics import (
+    MetricsWriter,
+    generation_eval,
+    plot,
+    row_norms,
+    summarize,
+    token_stats,
+)
+from .params import NewRows, param_groups, prepare
 from .preflight import PreflightError, preflight, tokens_from_data
-from .run import RunInfo, checkpoints, resume_parts, save_parts
-from ..errors import TokengraftError
-
-
-class TrainError(TokengraftError):
-    pass
+from .resume import check_checkpoint, remap_moments
+from .run import RunInfo, last_checkpoint, resume_parts, save_parts
+from .runfolder import prepare_run_folder
 
 
 @dataclass
-class TrainConfig:
-    """Every key of CONFIG.yaml (and a --flag of `tokengraft train`)."""
-    model: str = ""  # base model folder (causal LM or LLaVA)
-    data: str = ""  # LLaVA JSON/JSONL
-    output_dir: str = ""  # the run folder
-    image_folder: str | None = None
-    eval_data: str | None = None  # held-out LLaVA JSON/JSONL for generation eval
-    eval_holdout: int = 0  # without eval_data: hold out this many training records for eval
-    tokens: list | str | None = None  # list, comma-separated, or "from-data PATTERN"
-    tokens_file: str | None = None
-    init: str | None = None  # override every token's init (auto, mean, hewitt, subword, ...)
-    pad_to_multiple_of: int = 64
-    mode: str = "rows"
-    template: str = "tokenizer"
-    train_on: str = "assistant"  # or "all"
-    max_length: int = 2048
-    max_steps: int = 100
-    batch_size: int = 8  # per device
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    rows_lr: float | None = None  # new rows' own LR (default: lr)
-    rows_weight_decay: float | None = None  # new rows' own WD (default: 0)
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: list | None = None
-    train_projector: bool = False
-    train_vision: bool = False
-    logging_steps: int = 5
-    save_steps: int = 50
-    save_total_limit: int | None = None
-    eval_steps: int = 0  # 0: generation eval only at the end
-    eval_max_new_tokens: int = 32
-    seed: int = 0
-    bf16: bool = False
-    resume: bool | str = False  # True: latest checkpoint in output_dir; or a checkpoint folder
-    overwrite: bool = False
-    allow_text_tags: bool = False
-    allow_missing_tokens: bool = False
-    preflight_only: bool = False
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps, as if interrupted
-    progress: bool = True
-    tensorboard: bool = True
-    workers: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise TrainError(f"{where}: unknown key(s) {', '.join(bad)}; see `tokengraft train --help`")
-        return cls(**d)
-
-    def check(self) -> None:
-        for key in ("model", "data", "output_dir"):
-            if not getattr(self, key):
-                raise TrainError(f"no {key}: set `{key}:` in the config or pass --{key.replace('_', '-')}")
-        if self.mode not in MODES:
-            raise TrainError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.train_on not in ("assistant", "all"):
-            raise TrainError(f"train_on {self.train_on!r}: expected 'assistant' or 'all'")
-        if self.max_steps < 1 or self.batch_size < 1:
-            raise TrainError("max_steps and batch_size must be >= 1")
+class RunParts:
+    """What the trainer needs beyond transformers' own state: the grafted model and its trained parts."""
+    config: TrainConfig
+    base: torch.nn.Module  # the grafted transformers model (not PEFT-wrapped)
+    rows: NewRows
+    info: RunInfo
+    manifest: Manifest
+    tokenizer: Any
+    processor: Any
+    is_new: torch.Tensor  # bool over vocabulary rows: which labels are new tokens
+    base_rows: int  # the base vocabulary's length (row-norm metric)
+    log: Callable
+    remap: RowMap | None = None  # set on resume when the token set changed since the checkpoint
 
 
 def _rank() -> int:
@@ -111,18 +66,17 @@ class GraftTrainer(Trainer):
     """Trainer that computes its own loss (with new-token sums), builds per-group optimizers, and
     saves/loads only the trained parts."""
 
-    def __init__(self, *a, tg: dict, **kw):
+    def __init__(self, *a, parts: RunParts, **kw):
         super().__init__(*a, **kw)
-        self.tg = tg
+        self.parts = parts
         self.model_accepts_loss_kwargs = True  # have the Trainer count label tokens over the global batch
         self.loss_is_scaled_for_ga = True  # our loss is a sum / global token count
         self._sums: dict | None = None
-        self._remap = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         out = model(**inputs)
-        total, sums = token_stats(out.logits, labels, self.tg["is_new"].to(labels.device))
+        total, sums = token_stats(out.logits, labels, self.parts.is_new.to(labels.device))
         denom = num_items_in_batch if num_items_in_batch is not None else sums["n"].clamp(min=1)
         loss = total / denom
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -141,42 +95,45 @@ class GraftTrainer(Trainer):
                 torch.distributed.all_reduce(vec)
                 sums = dict(zip(sorted(sums), vec))
             logs.update(summarize(sums))
-            logs.update(row_norms(self.tg["base"], self.tg["rows"], self.tg["base_rows"]))
+            logs.update(row_norms(self.parts.base, self.parts.rows, self.parts.base_rows))
             self._sums = None
         super().log(logs, start_time)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            c = self.tg["config"]
-            groups = param_groups(self.tg["base"] if c.mode != "lora" else self.model, self.tg["rows"], c.lr,
-                                  c.weight_decay, c.rows_lr, c.rows_weight_decay)
+            p = self.parts
+            c = p.config
+            groups = param_groups(p.base if c.mode != "lora" else self.model, p.rows, c.lr, c.weight_decay,
+                                  c.rows_lr, c.rows_weight_decay)
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             self.optimizer = cls(groups, **kwargs)
         return self.optimizer
 
-    def _save(self, output_dir=None, state_dict=None):
-        if not self.args.should_save:
-            return
-        t = self.tg
-        save_parts(output_dir or self.args.output_dir, self.model, t["base"], t["rows"], t["info"], t["manifest"],
-                   t["tokenizer"], t["processor"])
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The run's trained parts instead of a full model (checkpoints call this too)."""
+        if self.args.should_save:
+            p = self.parts
+            save_parts(output_dir or self.args.output_dir, self.model, p.base, p.rows, p.info, p.manifest,
+                       p.tokenizer, p.processor)
 
+    # Kept private on purpose: transformers has no public hook for loading a checkpoint's weights, and
+    # its default looks for a full model (or a bare PEFT adapter) in the folder, while ours holds only
+    # the trained parts, possibly for another token set (remapped by identity in resume_parts).
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        t = self.tg
-        self._remap = resume_parts(resume_from_checkpoint, self.model, t["base"], t["rows"], t["info"],
-                                   log=t["log"])
+        p = self.parts
+        p.remap = resume_parts(resume_from_checkpoint, self.model, p.base, p.rows, p.info, log=p.log)
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self._remap is None:
-            return
-        # the token set changed: carry the new rows' Adam moments by token identity too
-        opt = getattr(self.optimizer, "optimizer", self.optimizer)
-        for p in self.tg["rows"].parameters():
-            st = opt.state.get(p, {})
-            for k, v in list(st.items()):
-                if torch.is_tensor(v) and v.ndim == 2 and v.shape[0] == self._remap.source_rows:
-                    st[k] = self._remap.apply(v)
+
+class RemapMoments(TrainerCallback):
+    """On resume after a token change: carry the new rows' Adam moments by token identity, once the
+    Trainer has loaded the checkpoint's optimizer state (before the first step)."""
+
+    def __init__(self, parts: RunParts):
+        self.parts = parts
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        if self.parts.remap is not None and optimizer is not None:
+            remap_moments(optimizer, self.parts.rows, self.parts.remap)
 
 
 class StopAfter(TrainerCallback):
@@ -236,38 +193,25 @@ def resolve_tokens(cfg: TrainConfig, records) -> list:
 def _resume_folder(cfg: TrainConfig) -> Path | None:
     if not cfg.resume:
         return None
-    if isinstance(cfg.resume, str) and cfg.resume not in ("true", "True", "1", "latest"):
-        p = Path(cfg.resume)
-        if not p.is_dir():
-            raise TrainError(f"--resume {p}: no such checkpoint folder")
-        return p
-    cks = checkpoints(cfg.output_dir)
-    if not cks:
-        raise TrainError(f"--resume: no checkpoint-N folder in {cfg.output_dir}; start without --resume")
-    return cks[-1]
+    if isinstance(cfg.resume, str) and cfg.resume not in RESUME_LATEST:
+        ckpt = Path(cfg.resume)
+    else:
+        ckpt = last_checkpoint(cfg.output_dir)
+        if ckpt is None:
+            raise TrainError(f"--resume: no complete checkpoint-N folder in {cfg.output_dir}; start without "
+                             f"--resume")
+    check_checkpoint(ckpt)
+    return ckpt
 
 
 def _steps_done(ckpt: Path | None) -> int:
     if ckpt is None:
         return 0
-    try:
-        return int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError):
-        return 0
+    return int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
 
 
-def _clear_run(run_dir: Path) -> None:
-    """--overwrite: remove what an earlier run left (only files a run writes; never other files)."""
-    import shutil
-
-    from .run import ADAPTER_FILE, FULL_FILE, PROJECTOR_FILE, ROWS_FILE, RUN_FILE
-
-    for ck in checkpoints(run_dir):
-        shutil.rmtree(ck)
-    for name in (RUN_FILE, ROWS_FILE, ADAPTER_FILE, "adapter_config.json", PROJECTOR_FILE, FULL_FILE,
-                 "metrics.jsonl", "new_tokens.png", "config.train.json", "tokengraft.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+# pre-flight problem codes a flag lets through
+WAIVERS = {"unknown-tags": "allow_text_tags", "tokens-never-appear": "allow_missing_tokens"}
 
 
 def train(cfg: TrainConfig, log=None) -> Path:
@@ -277,16 +221,19 @@ def train(cfg: TrainConfig, log=None) -> Path:
     log = log or (print if rank0 else (lambda *a, **k: None))
     run_dir = Path(cfg.output_dir)
     ckpt = _resume_folder(cfg)
-    if not cfg.preflight_only and ckpt is None and run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-        raise TrainError(f"{run_dir}: already holds a run; pass --resume to continue it, --overwrite to "
-                         f"start over, or choose another --output-dir")
+    if not cfg.preflight_only:
+        prepare_run_folder(cfg, resuming=ckpt is not None, clear=False)  # refuse early; changes nothing
 
+    records = load_records(cfg.data)  # data errors before the (slow) model load
+    eval_records = load_records(cfg.eval_data) if cfg.eval_data else []
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars on stderr either
     torch.manual_seed(cfg.seed)
     model, tok, proc, manifest0 = load_folder(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
     base_fp = fingerprint(vocab_of(tok))
     base_rows = len(vocab_of(tok))
-    records = load_records(cfg.data)
-    eval_records = load_records(cfg.eval_data) if cfg.eval_data else []
     if not eval_records and cfg.eval_holdout:
         records, eval_records = records[:-cfg.eval_holdout], records[-cfg.eval_holdout:]
     specs = resolve_tokens(cfg, records)
@@ -304,15 +251,11 @@ def train(cfg: TrainConfig, log=None) -> Path:
     rep = preflight(records + eval_records, tok, new_tokens, image_folder=cfg.image_folder, template=cfg.template,
                     max_length=cfg.max_length, image_token_id=img_id, n_image_tokens=n_img, train_on=cfg.train_on)
     log(rep.format())
-    problems = [p for p in rep.problems
-                if not (cfg.allow_text_tags and "look like special tokens" in p)
-                and not (cfg.allow_missing_tokens and "never appear" in p)]
-    if cfg.preflight_only:
-        if problems:
-            raise PreflightError("pre-flight: " + "; ".join(problems))
-        return run_dir
+    problems = [p for p in rep.problems if not (p.code in WAIVERS and getattr(cfg, WAIVERS[p.code]))]
     if problems:
-        raise PreflightError("pre-flight: " + "; ".join(problems))
+        raise PreflightError("pre-flight: " + "; ".join(p.message for p in problems))
+    if cfg.preflight_only:
+        return run_dir
 
     ds = LlavaDataset(records, tok, proc, cfg.image_folder, cfg.template, cfg.max_length, cfg.train_on,
                       image_token_id=img_id, log=log)
@@ -326,9 +269,8 @@ def train(cfg: TrainConfig, log=None) -> Path:
                    pad_to_multiple_of=cfg.pad_to_multiple_of, train_projector=cfg.train_projector,
                    train_vision=cfg.train_vision, lora=lora if cfg.mode == "lora" else {})
     if rank0:
-        if ckpt is None and run_dir.exists() and cfg.overwrite:
-            _clear_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # the first write into the output: everything above has been checked
+        prepare_run_folder(cfg, resuming=ckpt is not None, clear=True)
         info.save(run_dir)
         manifest.save(run_dir)
         (run_dir / "config.train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
@@ -352,20 +294,20 @@ def train(cfg: TrainConfig, log=None) -> Path:
             return generation_eval(plan.model, tok, proc, eval_records, render, new_ids, image_folder=cfg.image_folder,
                                    image_token_id=img_id, n_image_tokens=n_img, max_new_tokens=cfg.eval_max_new_tokens)
     writer = MetricsWriter(run_dir, cfg.tensorboard) if rank0 else None
-    callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log)]
+    parts = RunParts(config=cfg, base=model, rows=plan.rows, info=info, manifest=manifest, tokenizer=tok,
+                     processor=proc, is_new=is_new, base_rows=base_rows, log=log)
+    callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log), RemapMoments(parts)]
     if cfg.stop_after:
         callbacks.append(StopAfter(cfg.stop_after))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    tg = {"config": cfg, "base": model, "rows": plan.rows, "info": info, "manifest": manifest, "tokenizer": tok,
-          "processor": proc, "is_new": is_new, "base_rows": base_rows, "log": log}
     trainer = GraftTrainer(model=plan.model, args=args, train_dataset=ds, data_collator=Collator(pad),
-                           callbacks=callbacks, tg=tg)
+                           callbacks=callbacks, parts=parts)
     done = _steps_done(ckpt)
     if ckpt is not None and done >= cfg.max_steps:
         # transformers would still take one more step here; there is nothing left to train
         log(f"resume: {ckpt.name} is at step {done} >= max_steps {cfg.max_steps}; nothing to train, "
             f"writing its parts (remapped if the tokens changed) as the run's result")
-        trainer._load_from_checkpoint(str(ckpt))
+        parts.remap = resume_parts(ckpt, plan.model, model, plan.rows, info, log=log)
     else:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     trainer.save_model(str(run_dir))

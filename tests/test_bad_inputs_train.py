@@ -1,0 +1,172 @@
+"""`tokengraft train` with hostile-but-realistic inputs and interruptions (issue 9), as a user meets
+them: a real subprocess, exit 2 (or 130 for Ctrl-C), one line on stderr, no traceback, and every
+input byte-identical afterwards. A tiny random Llama with the real SmolLM2 tokenizer keeps it fast."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_llama
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(smollm2_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    d = tmp_path_factory.mktemp("tiny") / "m"
+    tiny_llama(tok, tied=True, hidden=32).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    recs = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"Where is thing {i}?"},
+                                              {"from": "gpt", "value": f"<box>{i}</box>"}]} for i in range(8)]
+    p = tmp_path_factory.mktemp("data") / "train.json"
+    p.write_text(json.dumps(recs))
+    return p
+
+
+def digest(path: Path) -> dict:
+    """sha256 of every file under ``path`` (or of the file), to prove an input is unchanged."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(f.relative_to(path.parent)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def argv(model, data, out, *extra):
+    return [sys.executable, "-m", "tokengraft", "train", "--model", str(model), "--data", str(data),
+            "--output-dir", str(out), "--tokens", "<box>,</box>", "--init", "mean", "--template", "chatml",
+            "--batch-size", "2", "--max-length", "64", "--no-progress", "--no-tensorboard", "--logging-steps", "1",
+            *map(str, extra)]
+
+
+def tg(*args, timeout=600):
+    return subprocess.run(list(args), capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def one_line_error(proc, code=2) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("tokengraft train: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["model", "inside model", "contains data"])
+def test_output_never_is_contains_or_is_inside_an_input(model_dir, data_file, tmp_path, where):
+    # issue 9's worst case: `--output-dir m --overwrite` deleted the base model's weights
+    if where == "model":
+        model, out, data = model_dir, model_dir, data_file
+    elif where == "inside model":
+        model, out, data = model_dir, model_dir / "run", data_file
+    else:  # the data sits inside the folder named as output
+        model, out = model_dir, tmp_path / "run"
+        out.mkdir()
+        data = out / "train.json"
+        data.write_bytes(data_file.read_bytes())
+    before = digest(model_dir), digest(data)
+    line = one_line_error(tg(*argv(model, data, out, "--max-steps", "1", "--overwrite")))
+    assert "input" in line or "inside" in line or "contains" in line, line
+    assert (digest(model_dir), digest(data)) == before
+    assert not (model_dir / "run").exists()
+
+
+def test_output_that_is_a_file(model_dir, data_file, tmp_path):
+    out = tmp_path / "out.txt"
+    out.write_text("keep me")
+    line = one_line_error(tg(*argv(model_dir, data_file, out, "--max-steps", "1", "--overwrite")))
+    assert str(out) in line and "not a folder" in line
+    assert out.read_text() == "keep me"
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(model_dir, data_file, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "tokengraft.json").write_text("{}")  # even a tokengraft-written model folder is not a run
+    before = digest(out)
+    line = one_line_error(tg(*argv(model_dir, data_file, out, "--max-steps", "1", "--overwrite")))
+    assert "run" in line and str(out) in line
+    assert digest(out) == before
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--lr", "nan", "lr"), ("--max-steps", "0", "max_steps"),
+                                               ("--max-steps", "-3", "max_steps"), ("--batch-size", "0", "batch_size"),
+                                               ("--lora-dropout", "1.5", "lora_dropout"),
+                                               ("--image-folder", "/no/such/dir", "image_folder")])
+def test_bad_arguments_fail_before_touching_the_output(model_dir, data_file, tmp_path, flag, value, needle):
+    out = tmp_path / "run"
+    line = one_line_error(tg(*argv(model_dir, data_file, out, "--max-steps", "1", flag, value)))
+    assert needle in line, line
+    assert not out.exists()
+
+
+def test_yaml_value_of_the_wrong_type_names_key_and_type(model_dir, data_file, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {model_dir}\ndata: {data_file}\noutput_dir: {tmp_path / 'run'}\nmax_steps: lots\n")
+    line = one_line_error(tg(sys.executable, "-m", "tokengraft", "train", str(cfg)))
+    assert "max_steps" in line and "'lots'" in line and "integer" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_record_with_only_a_gpt_turn(model_dir, tmp_path):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "lonely", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "hi"}]}]))
+    line = one_line_error(tg(*argv(model_dir, data, tmp_path / "run", "--max-steps", "1")))
+    assert "lonely" in line and "human" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def _interrupt_when(cmd, ready, timeout=300):
+    """Start ``cmd``, wait until ``ready()`` holds, then send SIGINT (Ctrl-C) and collect it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t0 < timeout, "never became ready"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_ctrl_c_before_and_after_checkpoints_then_rerun_and_resume(model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    before = digest(model_dir), digest(data_file)
+    # 1. Ctrl-C before the first checkpoint: a plain rerun must not need --overwrite
+    rc, err = _interrupt_when(argv(model_dir, data_file, out, "--max-steps", "100000", "--save-steps", "100000"),
+                              lambda: (out / "metrics.jsonl").is_file())
+    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    assert "before the first checkpoint" in err and "nothing was written" not in err
+    # 2. rerun (plain) and Ctrl-C once checkpoints exist: the message names the last one
+    rc, err = _interrupt_when(argv(model_dir, data_file, out, "--max-steps", "100000", "--save-steps", "2"),
+                              lambda: (out / "checkpoint-4" / "trainer_state.json").is_file())
+    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    from tokengraft.train.run import last_checkpoint
+
+    last = last_checkpoint(out)
+    assert str(last) in err and "--resume" in err and "nothing was written" not in err, err[-1500:]
+    # 3. now a plain rerun would lose checkpoints: refused with a hint
+    line = one_line_error(tg(*argv(model_dir, data_file, out, "--max-steps", "2")))
+    assert "--resume" in line and "--overwrite" in line
+    # 4. a corrupt optimizer.pt on --resume: one line naming the file
+    opt = last / "optimizer.pt"
+    raw = bytearray(opt.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 64] = b"\x00" * 64
+    opt.write_bytes(bytes(raw))
+    line = one_line_error(tg(*argv(model_dir, data_file, out, "--max-steps", "100000", "--resume")))
+    assert str(opt) in line, line
+    assert (digest(model_dir), digest(data_file)) == before
