@@ -259,6 +259,22 @@ def test_tie_pointer_in_memory(grafted):
     assert doctor.check_model(model, tok, manifest=manifest) and model.get_output_embeddings().weight is tied
 
 
+def test_nonfinite_row_in_memory(grafted):
+    _, model, tok, manifest = grafted
+    w = model.get_input_embeddings().weight
+    saved = w.detach()[49153].clone()
+    try:
+        with torch.no_grad():
+            w[49153, 0] = float("inf")
+        f = only(doctor.check_model(model, tok, manifest=manifest), "nonfinite-rows")
+        assert f.severity == "error" and "1 vocabulary row(s) of model.embed_tokens.weight" in f.message
+        assert "49153 '</box>'" in f.message and f.data["rows"] == [49153]
+    finally:
+        with torch.no_grad():
+            w[49153] = saved
+    assert "nonfinite-rows" not in codes(doctor.check_model(model, tok, manifest=manifest))
+
+
 # -- LLaVA image token ------------------------------------------------------------------------
 
 def test_image_token_out_of_range(llava_dir, tmp_path):
@@ -288,8 +304,8 @@ def test_image_token_unknown_to_tokenizer(llava_dir, tmp_path):
 def test_processor_missing(llava_dir, tmp_path):
     d = variant(llava_dir, tmp_path / "l")
     (d / "processor_config.json").unlink()
-    f = only(check_folder(d), "processor-missing")
-    assert f.severity == "warning" and "image_token_index 49152" in f.message
+    f = only(check_folder(d), "processor-missing")  # an error since issue 9: no image can be fed
+    assert f.severity == "error" and "image_token_index 49152" in f.message
 
 
 # -- special ids ------------------------------------------------------------------------------
