@@ -1,0 +1,328 @@
+"""Bad inputs, faults and interruptions of the writing commands (add, convert, export), run as a
+user would: a real subprocess, exit 2, ONE line on stderr naming the problem, no traceback, every
+input unchanged (sha256 of each file before/after), nothing at the output and no temporaries.
+
+Structure is carried by a tiny untied Llama with SmolLM2's real tokenizer; the interruption tests
+convert the real SmolLM2 (large enough that the temporary folder exists for seconds)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_llama
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tg(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tokengraft", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=timeout)
+
+
+def tree_hash(*paths) -> dict[str, str]:
+    out = {}
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        out.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    return out
+
+
+def temporaries(out: Path) -> list[str]:
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def refused(cmd: str, out: Path, inputs: list, *args, needle: str, out_before=None) -> str:
+    """Run ``tokengraft CMD *args``; assert exit 2, one line naming ``needle``, inputs unchanged,
+    the output as it was (absent, or ``out_before``), no temporaries."""
+    before = tree_hash(*inputs)
+    r = tg(cmd, *args)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"tokengraft {cmd}: error: ") and needle in lines[0], lines[0]
+    assert tree_hash(*inputs) == before, "an input changed"
+    if out_before is None:
+        assert not os.path.lexists(out), f"{out} was written"
+    else:
+        assert tree_hash(out) == out_before, f"{out} changed"
+    if out.parent.is_dir():
+        assert not temporaries(out), temporaries(out)
+    return lines[0]
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(smollm2_dir, tmp_path_factory):
+    """tiny/: a plain HF folder (tiny untied Llama, SmolLM2's tokenizer); grafted/: tiny with <box>
+    added by tokengraft (carries tokengraft.json). Read-only: tests copy what they put in place."""
+    from transformers import AutoTokenizer
+
+    from tokengraft.graft import graft
+    from tokengraft.io import save_folder
+
+    root = tmp_path_factory.mktemp("io")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = tiny_llama(tok, hidden=16)
+    model.save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    man = graft(model, tok, [{"content": "<box>", "init": "subword"}], log=lambda *a: None)
+    save_folder(root / "grafted", model, tok, man)
+    return root
+
+
+def _put(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(folder: Path, **changes) -> Path:
+    p = folder / "config.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), **changes}))
+    return folder
+
+
+# -- the output may not be, contain or sit inside an input ----------------------------------------
+
+def test_add_output_is_a_parent_of_the_model(world, tmp_path):
+    nest = _put(world / "grafted", tmp_path / "nest")  # a folder tokengraft wrote: only nesting stops it
+    _put(world / "tiny", nest / "m")
+    refused("add", nest, [nest], nest / "m", "--tokens", "<x>", "-o", nest, "--overwrite",
+            needle="contains the MODEL_DIR", out_before=tree_hash(nest))
+
+
+def test_convert_output_is_a_parent_of_the_checkpoint(world, tmp_path):
+    nest = _put(world / "grafted", tmp_path / "nest2")
+    _put(world / "tiny", nest / "m")
+    refused("convert", nest, [nest, world / "grafted"], nest / "m", "--to", world / "grafted", "-o", nest,
+            "--overwrite", needle="contains the CHECKPOINT", out_before=tree_hash(nest))
+
+
+def test_convert_output_is_the_target(world, tmp_path):
+    box = _put(world / "grafted", tmp_path / "smol-box")
+    refused("convert", box, [world / "tiny", box], world / "tiny", "--to", box, "-o", box, "--overwrite",
+            needle="is the TARGET", out_before=tree_hash(box))
+
+
+def test_export_output_is_a_parent_of_the_run(world, tmp_path):
+    enest = _put(world / "grafted", tmp_path / "enest")
+    (enest / "run").mkdir()
+    (enest / "run" / "run.json").write_text(json.dumps({"base_model": str(world / "tiny"), "mode": "rows",
+                                                        "base_vocab_fingerprint": "x"}))
+    refused("export", enest, [enest, world / "tiny"], enest / "run", "-o", enest, "--overwrite",
+            needle="contains the SOURCE", out_before=tree_hash(enest))
+
+
+def test_export_output_inside_the_runs_base_model(world, tmp_path):
+    base = _put(world / "tiny", tmp_path / "base")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"base_model": str(base), "mode": "rows",
+                                                           "base_vocab_fingerprint": "x"}))
+    refused("export", base / "exp", [base, tmp_path / "run"], tmp_path / "run", "-o", base / "exp",
+            needle="inside the base model (run.json)")
+
+
+def test_output_through_a_symlink_to_the_input(world, tmp_path):
+    model = _put(world / "grafted", tmp_path / "m")
+    (tmp_path / "link").symlink_to(model)
+    refused("add", tmp_path / "link", [model], model, "--tokens", "<x>", "-o", tmp_path / "link", "--overwrite",
+            needle="is the MODEL_DIR", out_before=tree_hash(tmp_path / "link"))
+
+
+# -- what --overwrite may replace -----------------------------------------------------------------
+
+def test_overwrite_refuses_a_folder_tokengraft_did_not_write(world, tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("precious")
+    line = refused("add", mine, [world / "tiny"], world / "tiny", "--tokens", "<x>", "-o", mine, "--overwrite",
+                   needle="not written by tokengraft", out_before=tree_hash(mine))
+    assert "--overwrite never replaces" in line
+
+
+def test_existing_output_without_overwrite(world, tmp_path):
+    out = _put(world / "grafted", tmp_path / "out")
+    refused("add", out, [world / "tiny"], world / "tiny", "--tokens", "<x>", "-o", out,
+            needle="already exists; pass --overwrite", out_before=tree_hash(out))
+
+
+def test_output_is_a_file(world, tmp_path):
+    f = tmp_path / "out"
+    f.write_text("not a folder")
+    refused("add", f, [world / "tiny"], world / "tiny", "--tokens", "<x>", "-o", f, "--overwrite",
+            needle="is not a folder", out_before=tree_hash(f))
+
+
+def test_read_only_output_parent(world, tmp_path):
+    if os.geteuid() == 0:  # root ignores permission bits: /sys refuses new folders to everyone
+        out = Path("/sys/tokengraft-test/out")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = ro / "out"
+    refused("add", out, [world / "tiny"], world / "tiny", "--tokens", "<x>", "-o", out, needle="cannot create")
+
+
+# -- broken model folders -------------------------------------------------------------------------
+
+def test_add_config_without_weights(world, tmp_path):
+    m = _put(world / "tiny", tmp_path / "m")
+    (m / "model.safetensors").unlink()
+    refused("add", tmp_path / "o", [m], m, "--tokens", "<x>", "-o", tmp_path / "o", needle="no weights")
+
+
+def test_export_config_without_weights(world, tmp_path):
+    m = _put(world / "grafted", tmp_path / "m")
+    (m / "model.safetensors").unlink()
+    refused("export", tmp_path / "o", [m], m, "-o", tmp_path / "o", needle="neither a model folder")
+
+
+def test_manifest_that_is_a_list(world, tmp_path):
+    m = _put(world / "tiny", tmp_path / "m")
+    (m / "tokengraft.json").write_text("[]")
+    refused("add", tmp_path / "o", [m], m, "--tokens", "<x>", "-o", tmp_path / "o",
+            needle="tokengraft.json: expected a JSON object")
+
+
+@pytest.mark.parametrize("vocab", [1000, 60000])
+def test_config_vocab_size_disagrees_with_weights(world, tmp_path, vocab):
+    m = _edit_config(_put(world / "tiny", tmp_path / "m"), vocab_size=vocab)
+    line = refused("add", tmp_path / "o", [m], m, "--tokens", "<x>", "-o", tmp_path / "o",
+                   needle=f"vocab_size {vocab}")
+    assert "49152 rows" in line
+
+
+def test_malicious_bin_is_refused_unrun(world, tmp_path):
+    import torch
+
+    m = _put(world / "tiny", tmp_path / "m")
+    (m / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model.embed_tokens.weight": Payload()}, m / "pytorch_model.bin")
+    refused("add", tmp_path / "o", [m], m, "--tokens", "<x>", "-o", tmp_path / "o", needle="refused without running")
+    assert not marker.exists()
+
+
+# -- no remote code, even when a terminal answers "y" ---------------------------------------------
+
+def _plant_remote_code(world, folder: Path, marker: Path, model_type="tokengraftevilnet") -> Path:
+    m = _put(world / "grafted", folder)
+    _edit_config(m, model_type=model_type, architectures=["EvilForCausalLM"],
+                 auto_map={"AutoConfig": "evil_code.EvilConfig", "AutoModelForCausalLM": "evil_code.EvilForCausalLM"})
+    (m / "evil_code.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                    "class EvilConfig(LlamaConfig):\n    model_type = 'tokengraftevilnet'\n"
+                                    "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    return m
+
+
+def _run_on_a_terminal_answering_yes(*args, timeout=300):
+    """stdin/stdout on a pseudo-terminal that keeps answering "y"; stderr captured apart."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "tokengraft", *map(str, args)], stdin=slave, stdout=slave,
+                         stderr=subprocess.PIPE, env=ENV, close_fds=True)
+    os.close(slave)
+    seen, end = b"", time.time() + timeout
+    try:
+        while p.poll() is None and time.time() < end:
+            r, _, _ = select.select([master], [], [], 0.2)
+            if r:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+            os.write(master, b"y\n")
+        p.wait(timeout=max(1, end - time.time()))
+    finally:
+        os.close(master)
+    return p.returncode, p.stderr.read().decode(), seen.decode(errors="replace")
+
+
+@pytest.mark.parametrize("cmd", ["add", "export"])
+def test_remote_code_never_runs_on_a_terminal_answering_yes(world, tmp_path, cmd):
+    marker = tmp_path / "RAN"
+    m = _plant_remote_code(world, tmp_path / "m", marker)
+    before = tree_hash(m)
+    extra = ["--tokens", "<x>"] if cmd == "add" else []
+    rc, err, terminal = _run_on_a_terminal_answering_yes(cmd, m, *extra, "-o", tmp_path / "o")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert not marker.exists(), "the folder's code ran"
+    assert rc == 2 and len(lines) == 1 and "auto_map" in lines[0] and "Traceback" not in err, err
+    assert "[y/N]" not in terminal and "custom code" not in terminal, terminal
+    assert tree_hash(m) == before and not (tmp_path / "o").exists() and not temporaries(tmp_path / "o")
+
+
+def test_internlm2_with_remote_code_is_refused_naming_internlm2(world, tmp_path):
+    if importlib.util.find_spec("tokengraft.internlm2") is not None:
+        pytest.skip("the built-in InternLM2 bridge reads such folders without their code")
+    marker = tmp_path / "RAN"
+    m = _plant_remote_code(world, tmp_path / "m", marker, model_type="internlm2")
+    refused("add", tmp_path / "o", [m], m, "--tokens", "<x>", "-o", tmp_path / "o", needle="InternLM2 support")
+    assert not marker.exists()
+
+
+# -- interruptions --------------------------------------------------------------------------------
+
+def _start_convert_and_wait_for_temp(smollm2_dir, target, out: Path):
+    p = subprocess.Popen([sys.executable, "-m", "tokengraft", "convert", str(smollm2_dir), "--to", str(target),
+                          "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    end = time.time() + 240
+    while time.time() < end and p.poll() is None:
+        tmp = [out.parent / n for n in temporaries(out) if ".tmp-" in n]
+        if tmp and any(tmp[0].iterdir()):  # writing has begun
+            return p, tmp[0]
+        time.sleep(0.02)
+    p.kill()
+    pytest.fail(f"convert never showed a temporary folder (exit {p.poll()}): {p.stderr.read()[-2000:]!r}")
+
+
+def test_sigterm_removes_the_temporary_folder(world, smollm2_dir, tmp_path):
+    out = tmp_path / "out"
+    before = tree_hash(smollm2_dir)
+    p, tmp = _start_convert_and_wait_for_temp(smollm2_dir, world / "grafted", out)
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=120)
+    err = p.stderr.read().decode()
+    assert rc == 143 and "terminated" in err and "Traceback" not in err, (rc, err[-2000:])
+    assert not tmp.exists() and not out.exists() and not temporaries(out)
+    assert tree_hash(smollm2_dir) == before
+
+
+def test_sigkill_leftover_is_swept_by_the_next_run(world, smollm2_dir, tmp_path):
+    out = tmp_path / "out"
+    p, tmp = _start_convert_and_wait_for_temp(smollm2_dir, world / "grafted", out)
+    p.kill()
+    p.wait(timeout=60)
+    assert tmp.exists(), "precondition: SIGKILL leaves the temporary folder"
+    r = tg("convert", world / "tiny", "--to", world / "grafted", "-o", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not tmp.exists() and not temporaries(out) and (out / "tokengraft.json").is_file()
+
+
+def test_stale_temporary_of_a_live_process_is_kept(tmp_path):
+    """Only temporaries whose process is gone are swept: a concurrent run keeps its folder."""
+    from tokengraft.io import sweep_stale
+
+    live = tmp_path / f".out.tmp-{os.getpid()}-abc"
+    other = tmp_path / ".other.tmp-999999999-abc"
+    live.mkdir()
+    other.mkdir()
+    assert sweep_stale(tmp_path / "out") == [] and live.exists() and other.exists()
