@@ -71,7 +71,7 @@ def test_rows_mode_learns_and_touches_nothing_else(whole, grounding):
     assert {"new_row_norm", "base_row_norm", "new_token_acc"} <= set(metrics(run)[-1])
     # checkpoint holds only the rows: kilobytes
     assert (run / "new_rows.safetensors").stat().st_size < 100_000
-    assert not (run / "model.safetensors").exists() and not (run / "adapter_model.safetensors").exists()
+    assert not (run / "model.safetensors").exists() and not (run / "adapter").exists()
 
     trained, tok, _, manifest = load_run(run)
     fresh, tok2, _, _ = rebuild_base(RunInfo.load(run))
@@ -98,13 +98,25 @@ def test_lora_mode_learns_without_full_matrices(llava_dir, grounding, tmp_path):
 
     run = train(config(llava_dir, grounding, tmp_path / "lora", mode="lora", lr=5e-3, rows_lr=2e-2, max_steps=3))
     falls(run)
-    adapter = load_file(str(run / "adapter_model.safetensors"))
-    assert adapter and all("lora_" in k for k in adapter)  # no modules_to_save copies
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    rows = {k for k in adapter if k.endswith("token_adapter.trainable_tokens_delta")}
+    assert rows and all("lora_" in k for k in set(adapter) - rows)  # no modules_to_save copies
     assert max(t.numel() for t in adapter.values()) < 49152 * 576 // 10
-    cfgj = json.loads((run / "adapter_config.json").read_text())
-    assert not cfgj.get("modules_to_save")
+    cfgj = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert not cfgj.get("modules_to_save") and cfgj["trainable_token_indices"]
     model, tok, _, _ = load_run(run)
     assert not any("lora_" in n for n, _ in model.named_parameters())  # merged
+    # PEFT alone (on the LLaVA, tied through its text_config) gives the merged model's logits
+    from peft import PeftModel
+
+    from tokengraft.train.run import RunInfo, rebuild_base
+
+    grafted, _, _, _ = rebuild_base(RunInfo.load(run))
+    peft = PeftModel.from_pretrained(grafted, str(run / "adapter")).eval()
+    ids = torch.tensor([tok("Where? <box><loc_1></box> and plain words", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b = peft(input_ids=ids).logits, model(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-5, (a - b).abs().max()
 
 
 def test_full_mode_learns_and_keeps_vision_frozen(llava_dir, grounding, tmp_path):

@@ -7,7 +7,7 @@ Layout (see docs/train.md)::
       tokengraft.json            the manifest after the graft
       tokenizer / processor files
       new_rows.safetensors       the trained new rows (k x hidden), by token (metadata "tokens")
-      adapter_config.json, adapter_model.safetensors      lora mode (PEFT's format)
+      adapter/                   lora mode: a PEFT adapter (LoRA + the new rows as trainable tokens)
       projector.safetensors      when the projector trained (rows/lora modes)
       model.safetensors          full mode only: every trained weight
       metrics.jsonl, new_tokens.png
@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..manifest import Manifest
+from .adapter import ADAPTER_DIR, ADAPTER_FILE, adapter_folder, lora_weights, save_adapter
 from ..vocab import RowMap, fingerprint, vocab_of
 from ..errors import TokengraftError
 
@@ -36,8 +37,6 @@ RUN_FILE = "run.json"
 ROWS_FILE = "new_rows.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
 FULL_FILE = "model.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_DIR = "adapter"  # lora mode: a PEFT adapter folder (PeftModel.from_pretrained reads it alone)
 RUN_SCHEMA = 1
 
 
@@ -159,7 +158,8 @@ def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest,
                 if "multi_modal_projector" in n}
         save_file(proj, str(folder / PROJECTOR_FILE), metadata={"format": "pt"})
     if info.mode == "lora":
-        model.save_pretrained(folder, save_embedding_layers=False)
+        save_adapter(folder, model, base, rows_mod.ids.tolist(), rows_mod.effective(base), info.tied, manifest,
+                     info.base_model)
 
 
 def _load_named(model, path: Path) -> None:
@@ -251,9 +251,10 @@ def load_run(path, log=lambda *a: None):
     if info.mode == "lora":
         from peft import PeftModel
 
-        if not (parts / ADAPTER_FILE).is_file():
-            raise RunError(f"{parts}: lora run without {ADAPTER_FILE}")
-        model = PeftModel.from_pretrained(model, str(parts)).merge_and_unload()
+        a = adapter_folder(parts)
+        if not (a / ADAPTER_FILE).is_file():
+            raise RunError(f"{parts}: lora run without {ADAPTER_DIR}/{ADAPTER_FILE}")
+        model = PeftModel.from_pretrained(model, str(a)).merge_and_unload()
     return model.eval(), tok, proc, manifest_saved
 
 
@@ -275,7 +276,7 @@ def resume_parts(folder, model, base, rows_mod, info: RunInfo, log=print) -> Row
     if info.mode == "lora":
         from peft import set_peft_model_state_dict
 
-        res = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_FILE)))
+        res = set_peft_model_state_dict(model, lora_weights(folder))
         if getattr(res, "unexpected_keys", None):
             raise RunError(f"{folder}: adapter keys {res.unexpected_keys[:3]} do not fit this model")
     tokens, rows = read_rows(folder)
