@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,11 +21,70 @@ def tg(*args, check=False):
 
 def test_every_command_has_help():
     r = tg("--help", check=True)
-    built = [c for c in COMMANDS if c in r.stdout]
-    assert "add" in built and "doctor" in built
-    for c in built:
+    for c in COMMANDS:  # every registered command, not only those the top-level help happens to list
+        assert c in r.stdout, c
         h = tg(c, "--help", check=True)
-        assert "usage: tokengraft " + c in h.stdout and len(h.stdout.splitlines()) > 8, c
+        assert h.stdout.startswith("usage: tokengraft " + c) and len(h.stdout.splitlines()) > 8, c
+        assert "exit status" in h.stdout.lower() or c == "demo", c
+
+
+WRITERS = ("add", "convert", "export", "import-xtuner", "demo")
+
+
+def _options(parser, cmd):
+    sub = next(a for a in parser._actions if a.dest == "command").choices[cmd]
+    return {s: a for a in sub._actions for s in a.option_strings}
+
+
+def test_shared_flags_one_spelling_and_one_help():
+    from tokengraft.cli import build_parser
+    from tokengraft.commands._common import HELP
+
+    parser = build_parser()
+    seen = {}
+    for cmd in WRITERS:
+        opts = _options(parser, cmd)
+        out = opts["-o"]  # -o, --output and the old --out are one option everywhere
+        assert opts["--output"] is out and opts["--out"] is out and out.dest == "output", cmd
+        assert out.help.startswith(HELP["output"]) or cmd == "demo", cmd
+        for flag in ("--overwrite", "--tokens", "--tokens-file", "--dtype", "--max-shard-size"):
+            if flag in opts:
+                seen.setdefault(flag, set()).add(opts[flag].help)
+    assert {f for f in seen} >= {"--overwrite", "--tokens", "--tokens-file", "--dtype", "--max-shard-size"}
+    assert all(len(h) == 1 for h in seen.values()), seen
+    args = parser.parse_args(["add", "M", "--tokens", "<a>", "--out", "O"])
+    assert args.output == "O"
+
+
+def _modes(folder):
+    dirs = {oct(os.stat(folder).st_mode & 0o777)}
+    files = set()
+    for p in folder.rglob("*"):
+        (dirs if p.is_dir() else files).add(oct(p.stat().st_mode & 0o777))
+    return dirs, files
+
+
+def test_outputs_follow_the_umask(smollm2_dir, tmp_path):
+    """Folders and files written by add / convert / export are 0755 / 0644 under umask 022, as
+    save_pretrained's would be (the temporary folder's 0700 does not survive the rename)."""
+    from conftest import tiny_llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tiny = tmp_path / "tiny"
+    tiny_llama(tok, hidden=16).save_pretrained(tiny)
+    tok.save_pretrained(tiny)
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "tokengraft", *map(str, args)], capture_output=True, text=True,
+                           timeout=600, umask=0o022)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    run("add", tiny, "--tokens", "<box>", "-o", tmp_path / "added")
+    run("convert", tiny, "--to", tmp_path / "added", "-o", tmp_path / "converted")
+    run("export", tmp_path / "added", "-o", tmp_path / "exported")
+    for name in ("added", "converted", "exported"):
+        assert _modes(tmp_path / name) == ({"0o755"}, {"0o644"}), name
 
 
 def test_add_writes_complete_folder_and_refuses_to_clobber(smollm2_dir, tmp_path):
