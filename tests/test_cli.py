@@ -122,5 +122,6 @@ def test_add_bad_input_is_one_line_and_writes_nothing(smollm2_dir, tmp_path, arg
 
 
 def test_add_on_a_folder_that_is_not_a_model(tmp_path):
-    r = tg("add", tmp_path, "--tokens", "<a>", "-o", tmp_path / "o")
+    (tmp_path / "notes").mkdir()  # the output beside it: an output inside MODEL_DIR is refused first
+    r = tg("add", tmp_path / "notes", "--tokens", "<a>", "-o", tmp_path / "o")
     assert r.returncode == 2 and "no config.json" in r.stderr
