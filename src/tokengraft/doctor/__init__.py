@@ -22,7 +22,7 @@ from .checks import check_config, check_image_token, check_sizes, check_special_
 from .findings import (SEVERITIES, DoctorError, Finding, format_table, has_errors, sort_findings,
                        to_json)
 from .kl import KL_WARN, kl_findings, kl_of_rows, load_for_kl
-from .rows import UNTRAINED_REL, check_nonfinite, check_rows, identical_groups, row_stats
+from .rows import check_nonfinite, check_rows, identical_groups, row_stats
 from .subject import EMBED_KEYS, HEAD_KEYS, Rows, Subject, gather_folder, gather_model
 from .tokens import check_manifest, check_split_tokens, check_suppressed, tied_reality
 
@@ -85,6 +85,6 @@ def check_checkpoint(checkpoint, model) -> list[Finding]:
 
 
 __all__ = ["CHECKS", "DoctorError", "EMBED_KEYS", "Finding", "HEAD_KEYS", "KL_WARN", "Rows", "SEVERITIES",
-           "Subject", "UNTRAINED_REL", "check_checkpoint", "check_folder", "check_model", "format_table",
+           "Subject", "check_checkpoint", "check_folder", "check_model", "format_table",
            "gather_folder", "gather_model", "has_errors", "identical_groups", "kl_findings", "kl_of_rows",
            "row_stats", "run_checks", "summary", "to_json"]

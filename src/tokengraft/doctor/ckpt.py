@@ -13,14 +13,10 @@ import contextlib
 import shlex
 from pathlib import Path
 
+from ..checkpoint.layout import classify, infer_rows  # the name/shape rules convert uses
 from ..hf import config_rows
 from .findings import DoctorError, Finding
 from .subject import gather_folder
-
-try:  # where the checkpoint package keeps its name/shape rules
-    from ..checkpoint.layout import classify, infer_rows
-except ImportError:  # pragma: no cover - older layout
-    from ..checkpoint.remap import classify, infer_rows
 
 
 def suggested_output(ckpt: Path) -> Path:

@@ -9,25 +9,10 @@ import torch
 
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
+from ..probe import kl_of_rows  # the project's one KL (on init.kl_of_added)
 from .findings import DoctorError, Finding, first_line
 
 KL_WARN = 1e-3  # nats/token on prose without the new tokens: above this the new rows are visible
-
-try:  # the one KL (probe.py); until it lands there, the same exact formula through init.kl_of_added
-    from ..probe import kl_of_rows
-except ImportError:  # pragma: no cover - transitional
-    @torch.no_grad()
-    def kl_of_rows(hidden, weight, new_ids, bias=None):
-        from ..init import kl_of_added
-
-        keep = torch.ones(weight.shape[0], dtype=torch.bool)
-        keep[new_ids] = False
-        z = hidden.float() @ weight[keep].float().T
-        if bias is not None:
-            z = z + bias[keep].float()
-        return kl_of_added(hidden, torch.logsumexp(z, dim=1), weight[new_ids].float(),
-                           None if bias is None else bias[new_ids])
-
 
 @torch.no_grad()
 def kl_findings(model, tokenizer, manifest: Manifest | None, where: str = "model",

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from ..init import TRAINED_REL, looks_trained  # the one trained-row rule
 from .findings import Finding
 from .subject import Rows, Subject
 
-UNTRAINED_REL = 0.05  # a row below 5% of the median row norm looks untrained (as init.trained_mask)
 MAX_GROUPS = 4  # identical-row groups named in the one-line finding; the rest are counted
 SEMANTIC_INITS = {"subword", "describe", "copy"}  # inits that take base rows' values
 SCAN_ELEMENTS = 1 << 24  # elements per read in the non-finite scan (64 MB of float32 at most)
@@ -142,15 +142,17 @@ def check_rows(s: Subject) -> list[Finding]:
     for side, rows in sides:
         norms, keys = row_stats(rows, limit)
         finite = torch.isfinite(norms)  # NaN rows are check_nonfinite's; they must not skew the median
-        med = float(norms[finite].median()) if bool(finite.any()) else 0.0
+        trained = torch.ones_like(finite)
+        if bool(finite.any()):
+            trained[finite] = looks_trained(norms[finite])
         zero = norms == 0
-        weak = (norms < UNTRAINED_REL * med) & ~zero
+        weak = ~trained & ~zero
         # input-role tokens (image placeholders) never get generated: their output row is not used
         if side == "output":
             inp = [i for i, t in added.items() if t.role == "input" and i < limit]
             zero[inp] = False
             weak[inp] = False
-        for mask, kind in ((zero, "all-zero"), (weak, f"near-zero (norm < {UNTRAINED_REL:g} x median)")):
+        for mask, kind in ((zero, "all-zero"), (weak, f"near-zero (norm <= {TRAINED_REL:g} x median)")):
             ids = mask.nonzero().flatten().tolist()
             if ids:
                 shown = ", ".join(f"{i} {name(i)}" for i in ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
