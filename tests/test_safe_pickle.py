@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from tokengraft.checkpoint import safe_pickle
-from tokengraft.checkpoint.safe_pickle import UnsafeCheckpointError, safe_load, safe_save
+from tokengraft.checkpoint.repickle import safe_save
+from tokengraft.checkpoint.safe_pickle import UnsafeCheckpointError, safe_load
 
 
 # ---------------------------------------------------------------- hand-made torch zip files

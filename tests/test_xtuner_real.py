@@ -346,7 +346,8 @@ if __name__ != "__main__":
     def _convert_with_safe_save(src, target, out, source_tokenizer):
         """safe_load -> remap (state dict and optimizer, by token identity) -> safe_save."""
         from tokengraft.checkpoint import remap_state_dict
-        from tokengraft.checkpoint.safe_pickle import safe_load, safe_save
+        from tokengraft.checkpoint.repickle import safe_save
+        from tokengraft.checkpoint.safe_pickle import safe_load
         from tokengraft.checkpoint.sources import load_tokenizer, tokenizer_vocab
 
         obj = safe_load(src)

@@ -443,6 +443,3 @@ def placeholders_in(obj, limit: int = 20) -> list[str]:
 
     walk(obj)
     return found
-
-
-from .repickle import safe_save  # noqa: E402  (the writer that pairs with safe_load)
