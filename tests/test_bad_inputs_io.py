@@ -326,3 +326,54 @@ def test_stale_temporary_of_a_live_process_is_kept(tmp_path):
     live.mkdir()
     other.mkdir()
     assert sweep_stale(tmp_path / "out") == [] and live.exists() and other.exists()
+
+
+CHILD = """
+import sys, types
+import tokengraft.cli as cli
+from transformers.dynamic_module_utils import resolve_trust_remote_code
+
+def register(sub, name):
+    return sub.add_parser(name)
+
+def run(args):  # what a loader without trust_remote_code=False would do on a remote-code folder
+    try:
+        print("RESULT", resolve_trust_remote_code(None, sys.argv[1], False, True), file=sys.stderr)
+    except ValueError:
+        print("RESULT refused", file=sys.stderr)
+    return 0
+
+sys.modules["tokengraft.commands.askprompt"] = types.ModuleType("askprompt")
+sys.modules["tokengraft.commands.askprompt"].__dict__.update(register=register, run=run)
+cli.COMMANDS["askprompt"] = "askprompt"
+sys.exit(cli.main(["askprompt"]))
+"""
+
+
+def test_no_command_can_be_prompted_into_running_a_folders_code(tmp_path):
+    """cli.main gives commands no readable stdin: even transformers' own prompt, if some loader
+    still reached it, cannot be answered yes on a terminal."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdin=slave, stdout=slave,
+                         stderr=subprocess.PIPE, env=ENV, close_fds=True)
+    os.close(slave)
+    end = time.time() + 120
+    while p.poll() is None and time.time() < end:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                os.read(master, 4096)
+            except OSError:
+                break
+        os.write(master, b"y\n")
+    p.wait(timeout=30)
+    os.close(master)
+    err = p.stderr.read().decode()
+    assert "RESULT refused" in err and "RESULT True" not in err, err[-2000:]
+
+
+def test_cli_restores_stdin_after_a_command():
+    from tokengraft.cli import main
+
+    before = sys.stdin
+    assert main(["add", "/nonexistent-model", "--tokens", "<a>", "-o", "/nonexistent-out"]) == 2
+    assert sys.stdin is before

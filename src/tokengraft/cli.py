@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {  # subcommand -> module under tokengraft.commands
@@ -53,7 +54,12 @@ def main(argv=None) -> int:
         return 2
     from .errors import TokengraftError
 
+    stdin = sys.stdin
     try:
+        # tokengraft never asks the terminal anything; without a readable stdin no library prompt
+        # ("run the custom code? [y/N]") can be answered yes: a second wall behind
+        # trust_remote_code=False and the auto_map refusal in io.refuse_remote_code
+        sys.stdin = open(os.devnull, encoding="utf-8")
         return int(args._run(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while an output folder is written (io.Terminated)
         from .io import Terminated
@@ -69,6 +75,10 @@ def main(argv=None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"tokengraft {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    finally:
+        if sys.stdin is not stdin:
+            sys.stdin.close()
+            sys.stdin = stdin
 
 
 def _one_line(e: BaseException) -> str:
