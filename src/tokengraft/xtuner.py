@@ -230,11 +230,11 @@ def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dic
 
     from .hf import is_tied, rows_of
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or inp.llm))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or inp.llm), trust_remote_code=False)
     n_base = len(tok)
     plain, lora = unwrap_peft_names(inp.parts["llm"])
     _check_named_rows(plain, n_base, len(user))  # before the slow load
-    lm = AutoModelForCausalLM.from_pretrained(str(inp.llm), dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(str(inp.llm), dtype=torch.float32, trust_remote_code=False)
     if inp.llm_adapter is not None:
         lm = merge_peft(lm, inp.llm_adapter, "llm")
         inp.notes.append(f"merged PEFT adapter {inp.llm_adapter}")
@@ -269,7 +269,8 @@ def _vision_tower(inp: _Inputs, visual_lora_alpha, loaded: dict):
     """2. The CLIP tower, its adapter merged, the checkpoint's trained / LoRA tensors on top."""
     from transformers import CLIPVisionModel
 
-    clip = CLIPVisionModel.from_pretrained(str(inp.visual_encoder), dtype=torch.float32)
+    clip = CLIPVisionModel.from_pretrained(str(inp.visual_encoder), dtype=torch.float32,
+                                           trust_remote_code=False)
     if inp.visual_encoder_adapter is not None:
         clip = merge_peft(clip, inp.visual_encoder_adapter, "visual_encoder")
         inp.notes.append(f"merged PEFT adapter {inp.visual_encoder_adapter}")
@@ -376,7 +377,7 @@ def _processor(visual_encoder, vcfg, tok):
 
     vdir = Path(visual_encoder)
     if (vdir / "preprocessor_config.json").is_file():
-        improc = CLIPImageProcessor.from_pretrained(str(vdir))
+        improc = CLIPImageProcessor.from_pretrained(str(vdir), trust_remote_code=False)
     else:  # CLIP's own defaults at the tower's resolution
         improc = CLIPImageProcessor(size={"shortest_edge": vcfg.image_size},
                                     crop_size={"height": vcfg.image_size, "width": vcfg.image_size})

@@ -69,7 +69,7 @@ def load_tokenizer(folder):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(p)
+        return AutoTokenizer.from_pretrained(p, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a bad folder
         raise SourceVocabError(f"{p}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
 

@@ -75,7 +75,7 @@ def target_from_manifest(tgt: Target, info, source_tokenizer) -> None:
     if tokdir is None:
         raise CheckpointError("a manifest as TARGET needs the checkpoint's tokenizer to build the target's: "
                               "pass --source-tokenizer DIR (or use a target folder with a tokenizer)")
-    tok = AutoTokenizer.from_pretrained(tokdir)
+    tok = AutoTokenizer.from_pretrained(tokdir, trust_remote_code=False)
     base = vocab_of(tok)
     if len(base) != m.base_size or fingerprint(base) != m.base_fingerprint:
         raise CheckpointError(f"{tokdir}: its vocabulary ({len(base)} tokens) is not the base the manifest was made "

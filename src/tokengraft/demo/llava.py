@@ -30,10 +30,10 @@ def build_llava(text_dir, out_dir, image_size: int = 224, patch_size: int = 32, 
     from ..io import save_folder
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(text_dir)
+    tok = AutoTokenizer.from_pretrained(text_dir, trust_remote_code=False)
     if chat_template is not None:
         tok.chat_template = chat_template
-    lm = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32, trust_remote_code=False)
     vcfg = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4,
                             num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
                             patch_size=patch_size)

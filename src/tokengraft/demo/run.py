@@ -113,8 +113,9 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     step("6. export + verify; reload with plain transformers and answer a held-out question")
     rep = export(run, out / "export", verify_output=True, log=lambda m: log("   " + str(m)))
     del model
-    m2 = AutoModelForImageTextToText.from_pretrained(out / "export", dtype=torch.float32).eval()
-    p2 = AutoProcessor.from_pretrained(out / "export")
+    m2 = AutoModelForImageTextToText.from_pretrained(out / "export", dtype=torch.float32,
+                                                     trust_remote_code=False).eval()
+    p2 = AutoProcessor.from_pretrained(out / "export", trust_remote_code=False)
     rec = evals[0]
     prompt, ref = prompt_of(rec, renderer(p2.tokenizer, "tokenizer"))
     with Image.open(Path(data["image_folder"]) / rec["image"]) as im:
