@@ -21,9 +21,9 @@ def register(sub, name):
                     "     new-token curves and draw predicted boxes\n"
                     "  6. export and verify a full checkpoint, reload it with plain transformers, answer\n"
                     "The defaults finish in about 3 minutes on 2 idle CPU cores (bench/RESULTS.md, demo).",
-        epilog="outputs (under --out): llava/ llava-box/ data/ run/ (metrics.jsonl, curves PNG) export/\n"
+        epilog="outputs (under OUT): llava/ llava-box/ data/ run/ (metrics.jsonl, curves PNG) export/\n"
                "predictions.png summary.json. An earlier demo folder is replaced; any other existing\n"
-               "folder is refused.\n\nexample:\n  tokengraft demo --out demo-out --steps 200")
+               "folder is refused.\n\nexample:\n  tokengraft demo -o demo-out --steps 200")
     add_output(p, required=False, default="demo-out",
                help="output folder; an earlier demo folder there is replaced, any other is refused")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
