@@ -75,6 +75,8 @@ def test_peft_alone_reproduces_the_run(run):
     weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert sum("trainable_tokens_delta" in k for k in weights) == len(idx)
     assert (run / "adapter" / "tokengraft.json").is_file()
+    specs = json.loads((run / "adapter" / "tokens.json").read_text())  # `tokengraft add --tokens-file` input
+    assert [t["content"] for t in specs] == TOKENS
 
     grafted, tok2, _, _ = rebuild_base(RunInfo.load(run))  # the base with the run's tokens, untrained rows
     peft = PeftModel.from_pretrained(grafted.float(), str(run / "adapter")).eval()

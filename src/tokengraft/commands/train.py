@@ -43,7 +43,7 @@ HELP = {  # config key -> (metavar, help)
     "seed": ("N", "random seed (data order, init noise)"),
     "bf16": (None, "train in bfloat16"),
     "resume": ("[CKPT]", "continue the run in --output-dir from its newest checkpoint (or from CKPT)"),
-    "overwrite": (None, "start over in an --output-dir that already holds a run"),
+    "overwrite": (None, "start over in an --output-dir that holds a training run (never any other folder)"),
     "allow_text_tags": (None, "train although the data has tag-like strings that are not tokens"),
     "allow_missing_tokens": (None, "train although some new tokens never appear in the data"),
     "preflight_only": (None, "run the pre-flight over the data and stop"),
@@ -81,7 +81,8 @@ PRE-FLIGHT
   are not in the vocabulary. Missing images, unknown tags and never-seen new tokens stop the run.
 
 RUN FOLDER
-  run.json, tokengraft.json, tokenizer/processor, new_rows.safetensors, adapter (lora),
+  run.json, tokengraft.json, tokenizer/processor, new_rows.safetensors, adapter/ (lora: a PEFT
+  adapter with the new rows as trainable tokens; PeftModel.from_pretrained reads it),
   model.safetensors (full only), metrics.jsonl, new_tokens.png, checkpoint-N/ (+ optimizer,
   scheduler, RNG state). See docs/train.md.
 

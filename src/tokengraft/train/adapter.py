@@ -28,6 +28,7 @@ from ..manifest import Manifest
 ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+TOKENS_FILE = "tokens.json"
 PREFIX = "base_model.model."  # PeftModel's prefix for the wrapped model's modules in saved keys
 
 
@@ -42,7 +43,7 @@ def _peft_ties(model) -> bool:
 
 
 def save_adapter(folder, peft_model, base, ids: list[int], rows: dict[str, torch.Tensor], tied: bool,
-                 manifest: Manifest, base_folder: str) -> Path:
+                 manifest: Manifest, base_folder: str, tokens: list[dict]) -> Path:
     """Write ``folder/adapter/``: PEFT's LoRA save plus the new rows as trainable tokens.
     ``rows``: the effective rows (``embed``, and ``head`` when untied), in ``ids`` order."""
     out = Path(folder) / ADAPTER_DIR
@@ -61,6 +62,8 @@ def save_adapter(folder, peft_model, base, ids: list[int], rows: dict[str, torch
     cfg = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
     cfg["trainable_token_indices"] = indices
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # the token specs as grafted: `tokengraft add BASE --tokens-file adapter/tokens.json` rebuilds the base
+    (out / TOKENS_FILE).write_text(json.dumps(tokens, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     m = Manifest.from_dict(manifest.to_dict())
     m.record("train-adapter", base_model=base_folder,
              note="apply to the base grafted with these tokens (same vocabulary fingerprint)")

@@ -159,7 +159,7 @@ def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest,
         save_file(proj, str(folder / PROJECTOR_FILE), metadata={"format": "pt"})
     if info.mode == "lora":
         save_adapter(folder, model, base, rows_mod.ids.tolist(), rows_mod.effective(base), info.tied, manifest,
-                     info.base_model)
+                     info.base_model, info.tokens)
 
 
 def _load_named(model, path: Path) -> None:
