@@ -15,8 +15,8 @@ def test_moments_move_by_token_identity():
     saved = NewRows([10, 11, 12], hidden=4, rows=20, tied=False)
     other = torch.nn.Parameter(torch.zeros(3, 4))  # same shape as the old rows: must be left alone
     opt = torch.optim.Adam([{"params": list(saved.parameters())}, {"params": [other]}])
-    for p in [*saved.parameters(), other]:
-        p.grad = torch.arange(12, dtype=torch.float32).view(3, 4) + 1
+    for k, p in enumerate([*saved.parameters(), other]):  # a different gradient per parameter
+        p.grad = (torch.arange(12, dtype=torch.float32).view(3, 4) + 1) * (k + 1) * (-1) ** k
     opt.step()
     before = {n: opt.state[p]["exp_avg"].clone() for n, p in saved.named_parameters()}
     other_before = opt.state[other]["exp_avg"].clone()

@@ -53,8 +53,8 @@ def remap_moments(optimizer, rows: NewRows, rm: RowMap) -> None:
     """Move the new rows' Adam moments (k_old x hidden) onto the current token list (k_new x hidden)
     by token identity, in place. Only the rows' own entries are handed to the remap, so no other
     parameter's state can be mistaken for a vocabulary-sized one."""
+    from ..checkpoint.layout import VocabTensor
     from ..checkpoint.optim import remap_optimizer_state
-    from ..checkpoint.remap import RemapReport, VocabTensor
 
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
     sd = opt.state_dict()
@@ -68,9 +68,9 @@ def remap_moments(optimizer, rows: NewRows, rm: RowMap) -> None:
     shapes = {name: _Shape((rm.source_rows, hidden)) for name in index.values()}
     found = {name: VocabTensor(name, "input" if name == "embed" else "output", "weight", 0, "tokengraft_rows")
              for name in index.values()}
-    names = [index.get(i, f"other.{i}") for i in range(len(flat))]
-    part = {"state": picked, "param_groups": [{"params": sorted(picked)}]}
-    moved = remap_optimizer_state(part, shapes, found, rm, names, RemapReport())
+    order = sorted(picked)
+    part = {"state": picked, "param_groups": [{"params": order}]}
+    moved = remap_optimizer_state(part, shapes, found, rm, [index[i] for i in order])
     sd["state"].update(moved["state"])
     opt.load_state_dict(sd)
 
