@@ -300,3 +300,31 @@ def test_export_uses_the_source_the_manifest_records(internlm2_dir, tmp_path):
     manifest.history = [h for h in manifest.history if h["op"] != "bridge"]
     with pytest.raises(TokengraftError, match="records no InternLM2 source"):
         internlm2.export_internlm2(model, tok, tmp_path / "f", manifest)
+
+
+def test_a_tokenizer_the_bridge_cannot_reproduce_is_refused(mistral_v1_dir, tmp_path, monkeypatch):
+    """Sentencepiece options the bridge does not implement are refused by name; and the load-time check
+    against the sentencepiece library catches a pipeline that encodes differently (here: sentencepiece's
+    dummy prefix left out)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString((mistral_v1_dir / "tokenizer.model").read_bytes())
+    m.normalizer_spec.remove_extra_whitespaces = True
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(m.SerializeToString())
+    with pytest.raises(TokengraftError, match="remove_extra_whitespaces"):
+        internlm2.load_tokenizer(d)
+
+    from tokenizers import normalizers
+
+    real = internlm2._sp_backend
+
+    def no_dummy_prefix(proto):
+        bpe, _, pre, dec = real(proto)
+        return bpe, normalizers.Replace(" ", "\u2581"), pre, dec
+
+    monkeypatch.setattr(internlm2, "_sp_backend", no_dummy_prefix)
+    with pytest.raises(TokengraftError, match="does not tokenize this sentencepiece model exactly"):
+        internlm2.load_tokenizer(mistral_v1_dir)

@@ -353,26 +353,48 @@ def load_tokenizer(folder):
         tok.chat_template = tc["chat_template"]
     if tc.get("model_max_length"):
         tok.model_max_length = tc["model_max_length"]
+    _self_check(tok, sp_file)
     return tok
 
 
-def sp_reference_ids(sp_file, text: str, specials: list[str], add_bos: bool = True, bos_id: int = 1) -> list[int]:
-    """What InternLM2's own tokenizer computes, straight from the sentencepiece library: the text is cut
-    at special tokens, each other stretch is ``SentencePieceProcessor.encode``d."""
+def sp_reference_ids(sp_file, text: str, added: dict[str, int], bos_id: int | None = None) -> list[int]:
+    """What InternLM2's own tokenizer computes, straight from the sentencepiece library: ``bos_id``
+    (if given), then the text cut at its added tokens (``added``: content -> id), every other stretch
+    ``SentencePieceProcessor.encode``d."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_file))
-    ids = [bos_id] if add_bos else []
-    if specials:
-        pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
+    ids = [] if bos_id is None else [bos_id]
+    chunks = [text]
+    if added:
+        pattern = "(" + "|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)) + ")"
         chunks = re.split(pattern, text)
-    else:
-        chunks = [text]
     for c in chunks:
-        if not c:
-            continue
-        ids += [sp.piece_to_id(c)] if c in specials else sp.encode(c)
+        if c:
+            ids += [added[c]] if c in added else sp.encode(c)
     return ids
+
+
+# prose, code indentation, runs of spaces, a leading space, bytes outside the pieces
+_PROBE = ("Beautiful is better than ugly.\nExplicit is better than implicit.\n\n"
+          "def f(x):\n    return  x  # two\n\tpass\n leading, trailing   naïve café 日本語 😀 ∑ 1234567")
+
+
+def _self_check(tok, sp_file: Path) -> None:
+    """Refuse a tokenizer.model whose encoding the bridge does not reproduce (checked on a probe text
+    with the sentencepiece library, when it is installed)."""
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        return
+    added = {t.content: i for i, t in tok.added_tokens_decoder.items()}
+    text = _PROBE + "".join(f"{t} x{t}\ny " for t in list(added)[:12])
+    want = sp_reference_ids(sp_file, text, added)
+    got = tok(text, add_special_tokens=False)["input_ids"]
+    if got != want:
+        at = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise InternLM2Error(f"{sp_file}: the bridge does not tokenize this sentencepiece model exactly "
+                             f"(ids differ from sentencepiece at position {at}); please report it")
 
 
 # -- the folder -----------------------------------------------------------------------------------
@@ -396,7 +418,9 @@ def load_folder(path, dtype=None):
     if missing or extra:
         raise InternLM2Error(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {extra[:3]})")
     dtype = dtype or torch.float32
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True, strict=True)
+    for k in list(sd):  # one tensor at a time: never two full copies of the model in memory
+        sd[k] = sd.pop(k).to(dtype)
+    model.load_state_dict(sd, assign=True, strict=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=lcfg)  # buffers were on meta: rebuild them
     model.config.dtype = dtype
     model.eval()
