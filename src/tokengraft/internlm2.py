@@ -234,10 +234,12 @@ def _sp_proto(path: Path):
     except ImportError as e:
         raise InternLM2Error(f"reading {path} needs the sentencepiece and protobuf packages "
                              f"(pip install sentencepiece protobuf): {e}") from None
+    from google.protobuf.message import DecodeError
+
     m = pb.ModelProto()
     try:
         m.ParseFromString(path.read_bytes())
-    except Exception as e:  # protobuf's DecodeError
+    except DecodeError as e:
         raise InternLM2Error(f"{path}: not a sentencepiece model ({e})") from None
     return m
 
