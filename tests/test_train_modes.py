@@ -116,7 +116,9 @@ def test_lora_mode_learns_without_full_matrices(llava_dir, grounding, tmp_path):
     ids = torch.tensor([tok("Where? <box><loc_1></box> and plain words", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         a, b = peft(input_ids=ids).logits, model(input_ids=ids).logits
-    assert (a - b).abs().max() < 1e-5, (a - b).abs().max()
+    # merging LoRA into 30 layers reorders fp32 sums (~2e-6 relative on logits of ~30); rows PEFT did
+    # not carry would be off by whole units (6.0 in issue 13)
+    assert (a - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item() / 10), (a - b).abs().max()
 
 
 def test_full_mode_learns_and_keeps_vision_frozen(llava_dir, grounding, tmp_path):
