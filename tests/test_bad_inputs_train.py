@@ -52,7 +52,7 @@ def argv(model, data, out, *extra):
 
 
 def tg(*args, timeout=600):
-    return subprocess.run(list(args), capture_output=True, text=True, env=ENV, timeout=timeout)
+    return subprocess.run(list(args), check=False, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
 def one_line_error(proc, code=2) -> str:
