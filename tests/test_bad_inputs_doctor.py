@@ -109,6 +109,8 @@ def test_clean_tiny_folders_pass(grafted_dir, llava_tiny):
         r = doctor(folder)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         assert r.stdout.strip().splitlines()[-1].startswith("OK: 0 error(s)")
+    r = doctor(grafted_dir, "--kl")  # the model is built (safetensors, no remote code) and measured
+    assert r.returncode == 0 and " kl-invisibility " in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 # -- weights ----------------------------------------------------------------------------------
@@ -191,6 +193,12 @@ def test_manifest_token_missing_from_the_tokenizer(grafted_dir, tmp_path):
             t[key] = {k: v for k, v in t.get(key, {}).items() if v["content"] != "</ref>"}
     edit_json(d / "tokenizer.json", lambda t: drop(t, "added_tokens"))
     edit_json(d / "tokenizer_config.json", lambda t: drop(t, "added_tokens_decoder"))
+
+    def unregister(t):  # transformers re-adds registered special tokens on load: drop it there too
+        for key in ("extra_special_tokens", "additional_special_tokens"):
+            if isinstance(t.get(key), list):
+                t[key] = [a for a in t[key] if (a.get("content") if isinstance(a, dict) else a) != "</ref>"]
+    edit_json(d / "tokenizer_config.json", unregister)
     check_fails(d, "manifest-token-mismatch", "'</ref>' is recorded at id 49155", "not in the tokenizer")
 
 

@@ -319,7 +319,7 @@ def test_sigkill_leftover_is_swept_by_the_next_run(world, smollm2_dir, tmp_path)
 
 def test_stale_temporary_of_a_live_process_is_kept(tmp_path):
     """Only temporaries whose process is gone are swept: a concurrent run keeps its folder."""
-    from tokengraft.io import sweep_stale
+    from tokengraft.outdir import sweep_stale
 
     live = tmp_path / f".out.tmp-{os.getpid()}-abc"
     other = tmp_path / ".other.tmp-999999999-abc"

@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         # trust_remote_code=False and the auto_map refusal in io.refuse_remote_code
         sys.stdin = open(os.devnull, encoding="utf-8")
         return int(args._run(args) or 0)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while an output folder is written (io.Terminated)
-        from .io import Terminated
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while an output folder is written (outdir.Terminated)
+        from .outdir import Terminated
 
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"tokengraft {args.command}: {what}; no output folder was put in place "

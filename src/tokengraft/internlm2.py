@@ -502,7 +502,7 @@ def save_folder(model, tokenizer, out, original_folder, manifest=None, overwrite
     in ``added_tokens_decoder``, every other file of the folder copied as data, and the manifest."""
     from safetensors.torch import save_file
 
-    from .io import atomic_folder
+    from .outdir import atomic_folder
 
     original_folder = Path(original_folder)
     cfg = read_json(original_folder / "config.json")

@@ -334,7 +334,7 @@ def _save(model, tok, processor, manifest, out: Path, inp: _Inputs, merged: list
           max_shard_size) -> None:
     """5. Config, generation config and manifest made true to the weights, then one atomic write."""
     from .hf import finalize
-    from .io import atomic_folder
+    from .outdir import atomic_folder
 
     manifest = finalize(model, tok, processor, manifest)
     manifest.record("import-xtuner", source=str(inp.src) if inp.src else None, llm=str(inp.llm),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..hf import IMAGE_TOKEN_KEYS, TEXT_CONFIG_KEYS
-from ..io import atomic_folder, sweep_stale
+from ..outdir import atomic_folder, sweep_stale
 from .errors import CheckpointError, RemapError
 from .layout import check_explained, classify, identical_pairs, infer_rows, tied_by_layout
 from .optim import remap_optimizer_state

@@ -1,7 +1,7 @@
 """Flags several commands share: one spelling and one help text each, defined here only.
 
 Also the one call every writing command makes before any slow work: ``check_inputs`` (the output
-rule of ``io.check_output`` plus the no-remote-code refusal for every input folder)."""
+rule of ``outdir.check_output`` plus the no-remote-code refusal for every input folder)."""
 from __future__ import annotations
 
 HELP = {
@@ -49,7 +49,8 @@ def add_max_shard_size(p):
 def check_inputs(output, overwrite: bool, inputs: dict) -> None:
     """Before any slow work: refuse an output that would touch an input or a folder tokengraft did
     not write, and any input folder that would need its own Python code to load."""
-    from ..io import check_output, check_writable, refuse_remote_code
+    from ..io import refuse_remote_code
+    from ..outdir import check_output, check_writable
 
     check_output(output, inputs, overwrite)
     check_writable(output)

@@ -38,7 +38,7 @@ def register(sub, name):
 def run(args) -> int:
     from ..demo.run import run_demo
     from ..errors import TokengraftError
-    from ..io import FolderError
+    from ..outdir import FolderError
 
     if os.path.lexists(args.output) and not os.path.isdir(args.output):
         raise FolderError(f"{args.output}: exists and is not a folder; choose another --output")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..hf import DTYPES, finalize
-from ..io import atomic_folder
+from ..outdir import atomic_folder
 from ..manifest import Manifest
 from .errors import ExportError
 from .source import check_finite, load_source

@@ -1,6 +1,6 @@
 """The run folder rule: where a run may write, and what --overwrite may remove.
 
-The output may not be, contain or be inside any input (io.check_output). ``--overwrite`` only
+The output may not be, contain or be inside any input (outdir.check_output). ``--overwrite`` only
 ever clears a folder that holds a run (its run.json), and then only the files a run writes. A run
 folder that never reached its first checkpoint (a failed start, Ctrl-C) holds nothing worth keeping,
 so a plain rerun restarts it without ``--overwrite``.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..io import check_output
+from ..outdir import check_output
 from .config import TrainConfig, TrainError
 from .run import (
     ADAPTER_DIR,

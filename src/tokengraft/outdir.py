@@ -1,0 +1,182 @@
+"""Output folders: the one rule every command follows.
+
+An output may not be, contain, or be inside any input; ``--overwrite`` only replaces a folder
+tokengraft wrote; every write goes to a temporary sibling renamed into place, removed on error,
+Ctrl-C and SIGTERM, and swept by the next run when a killed process left it behind; written files
+follow the process umask like ``save_pretrained``. Depends on the standard library only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from .errors import TokengraftError
+
+MARKERS = ("tokengraft.json", "run.json", ".tokengraft-demo")
+
+class FolderError(TokengraftError):
+    pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every cleanup path that handles an interruption runs."""
+
+
+def written_by_tokengraft(folder) -> bool:
+    """True when ``folder`` carries a tokengraft manifest, a training run's run.json or the demo
+    marker: the only folders --overwrite may replace."""
+    f = Path(folder)
+    return f.is_dir() and any((f / m).is_file() for m in MARKERS)
+
+
+def _relation(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if out in inp.parents:
+        return "contains"
+    if inp in out.parents:
+        return "is inside"
+    return None
+
+
+def check_output(out, inputs: dict | None = None, overwrite: bool = False) -> Path:
+    """Refuse (FolderError, one line) an output that is, contains or is inside any input (after
+    resolving symlinks), a path that exists and is not a folder, an existing folder without
+    --overwrite, or --overwrite of a folder tokengraft did not write. An empty folder counts as free.
+    ``inputs``: {"what": path or None}, e.g. {"MODEL_DIR": args.model_dir}."""
+    out = Path(out)
+    real = out.resolve()
+    for what, p in (inputs or {}).items():
+        if p is None or p == "":
+            continue
+        rel = _relation(real, Path(p).resolve())
+        if rel:
+            raise FolderError(f"{out}: the output {rel} the {what} {p}; choose an output folder outside "
+                              f"every input (inputs are never modified)")
+    if os.path.lexists(out) and not out.is_dir():
+        raise FolderError(f"{out}: exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FolderError(f"{out}: already exists; pass --overwrite (only folders tokengraft wrote "
+                              f"are replaced) or choose another output folder")
+        if not written_by_tokengraft(out):
+            raise FolderError(f"{out}: not written by tokengraft (no {MARKERS[0]} or {MARKERS[1]}); "
+                              f"--overwrite never replaces such a folder: remove it yourself or choose "
+                              f"another output folder")
+    return out
+
+
+def check_writable(out) -> None:
+    """Before slow work: the output's nearest existing parent takes a new folder (a read-only file
+    system, missing permission or a full disk fail here as one OSError line, not after minutes)."""
+    parent = Path(out).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{Path(out).name}.probe-", dir=parent))
+    except OSError as e:
+        raise FolderError(f"{out}: cannot create a folder in {parent} ({e.strerror or e}); choose a "
+                          f"writable output location") from None
+
+
+_TEMP = re.compile(r"\.(tmp|old)-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(out) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings of ``out`` whose process is gone
+    (a run killed with SIGKILL, or a crash): they can hold hundreds of MB nobody will use."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
+        for p in out.parent.glob(glob_escape(prefix) + "*"):
+            m = _TEMP.match(p.name[len(out.name) + 1:])
+            if m and not _alive(int(m.group(2))) and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_modes(tmp: Path) -> None:
+    """mkdtemp makes 0700; give the output what save_pretrained would (the umask's modes). Files
+    with other links are left alone: a hard-linked shard is the input's own file."""
+    mask = _umask()
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.lstat(p)
+            if st.st_nlink == 1 and not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While writing, SIGTERM raises (like Ctrl-C) so the temporary folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def atomic_folder(out, overwrite: bool = False, inputs: dict | None = None):
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error, Ctrl-C or
+    SIGTERM it vanishes. ``check_output`` is applied first (``inputs``: see there)."""
+    out = check_output(out, inputs, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out)
+    with _sigterm_raises():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            yield tmp
+            _ordinary_modes(tmp)
+            if out.is_dir():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+                os.rename(out, old / "x")
+                try:
+                    os.rename(tmp, out)
+                except BaseException:
+                    os.rename(old / "x", out)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
