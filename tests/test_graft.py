@@ -331,3 +331,15 @@ def test_special_tokens_registered_on_llava(llava_dir, tmp_path):
     back = AutoProcessor.from_pretrained(out).tokenizer
     assert _special_view(back, ["<box>", "</box>"]) == [(True, True), (True, True)]
     assert back.convert_tokens_to_ids("<image>") == tok.convert_tokens_to_ids("<image>")
+
+
+def test_tied_auto_over_budget_warns(smollm2, caplog):
+    """When even mean rows exceed the KL budget (thousands of tokens on a tied head; here a budget
+    of 1e-15 stands in for them), graft says so instead of staying silent."""
+    import logging
+
+    model, tok = smollm2
+    with caplog.at_level(logging.WARNING, logger="tokengraft"):
+        graft(model, tok, "<box>,</box>", kl_budget=1e-15)
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("x the budget" in m and "new tied rows" in m for m in msgs), msgs

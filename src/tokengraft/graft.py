@@ -288,6 +288,11 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
             s._resolved = f"{s._resolved.split('/')[0]}*{a:.3g}+mean"
         log(f"tied head: semantic rows blended {a:.3g} of the way from the mean; "
             f"KL on real text {kl + fixed:.2e} nats/token (budget {kl_budget:.0e})")
+        if kl + fixed > kl_budget:  # even plain mean rows are visible: many tokens on a tied head
+            logger.warning(f"warning: the {len(rows)} new tied rows cost {kl + fixed:.2e} nats/token on real "
+                           f"text, {(kl + fixed) / kl_budget:.0f}x the budget {kl_budget:.0e}, even as mean "
+                           f"rows; the model will predict them where they do not belong until trained "
+                           f"(train on data that uses them, or add fewer tokens at a time)")
 
 
 class _Probe:
