@@ -24,7 +24,7 @@ ROW_ATOL = 1e-6  # a base row "is" the trained row when it equals it to fp32 rou
 
 def merge_adapter(model, tokenizer, manifest: Manifest | None, adapter, base=None, log=print):
     """Merge a PEFT adapter folder into ``model`` (peft's merge_and_unload); keep tied as it was."""
-    from peft import PeftModel
+    from ..checkpoint.lora import merge_peft
 
     a = Path(adapter)
     if not (a / "adapter_config.json").is_file():
@@ -36,16 +36,7 @@ def merge_adapter(model, tokenizer, manifest: Manifest | None, adapter, base=Non
                           f"tokenizer (fingerprint {am.vocab_fingerprint}); move it first with "
                           f"`tokengraft convert {a} --to MODEL_DIR`")
     check_rows_carried(model, tokenizer, a, base)
-    tied = is_tied(model)
-    try:
-        merged = PeftModel.from_pretrained(model, str(a)).merge_and_unload()
-    except RuntimeError as e:  # size mismatches: the adapter belongs to another vocabulary
-        first = str(e).strip().splitlines()
-        raise ExportError(f"{a}: the adapter does not fit the model ({first[-1].strip() if first else e}); "
-                          f"was it trained on another vocabulary? `tokengraft convert` moves it") from None
-    if is_tied(merged) != tied:
-        raise ExportError(f"{a}: merging the adapter {'untied' if tied else 'tied'} the head; refusing to export "
-                          f"a model whose tie state changed")
+    merged = merge_peft(model, a)  # the one PEFT merge (checkpoint/lora.py): fit and tie checked there
     log(f"merged LoRA adapter {a}")
     return merged
 
