@@ -7,7 +7,6 @@ convert the real SmolLM2 (large enough that the temporary folder exists for seco
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import pty
@@ -268,15 +267,6 @@ def test_remote_code_never_runs_on_a_terminal_answering_yes(world, tmp_path, cmd
     assert rc == 2 and len(lines) == 1 and "auto_map" in lines[0] and "Traceback" not in err, err
     assert "[y/N]" not in terminal and "custom code" not in terminal, terminal
     assert tree_hash(m) == before and not (tmp_path / "o").exists() and not temporaries(tmp_path / "o")
-
-
-def test_internlm2_with_remote_code_is_refused_naming_internlm2(world, tmp_path):
-    if importlib.util.find_spec("tokengraft.internlm2") is not None:
-        pytest.skip("the built-in InternLM2 bridge reads such folders without their code")
-    marker = tmp_path / "RAN"
-    m = _plant_remote_code(world, tmp_path / "m", marker, model_type="internlm2")
-    refused("add", tmp_path / "o", [m], m, "--tokens", "<x>", "-o", tmp_path / "o", needle="InternLM2 support")
-    assert not marker.exists()
 
 
 # -- interruptions --------------------------------------------------------------------------------
