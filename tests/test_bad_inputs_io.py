@@ -161,7 +161,7 @@ def test_output_is_a_file(world, tmp_path):
     f = tmp_path / "out"
     f.write_text("not a folder")
     refused("add", f, [world / "tiny"], world / "tiny", "--tokens", "<x>", "-o", f, "--overwrite",
-            needle="is not a folder", out_before=tree_hash(f))
+            needle="exists and is a file; tokengraft never replaces a file", out_before=tree_hash(f))
 
 
 def test_read_only_output_parent(world, tmp_path):
@@ -316,6 +316,28 @@ def test_stale_temporary_of_a_live_process_is_kept(tmp_path):
     live.mkdir()
     other.mkdir()
     assert sweep_stale(tmp_path / "out") == [] and live.exists() and other.exists()
+
+
+def test_atomic_file_sweeps_a_killed_runs_temporary_and_follows_the_umask(tmp_path):
+    """A single-file output (a converted iter_N.pth) gets the folder rule's guarantees: the
+    temporary file a SIGKILLed run left is swept, a failure leaves nothing, modes follow the umask."""
+    from tokengraft.outdir import atomic_file
+
+    out = tmp_path / "iter_4.pth"
+    dead = tmp_path / ".iter_4.pth.tmp-999999999-abc"
+    dead.write_bytes(b"x" * 100)
+    with pytest.raises(RuntimeError):
+        with atomic_file(out) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert not dead.exists() and not out.exists() and not temporaries(out)
+    old = os.umask(0o022)
+    try:
+        with atomic_file(out) as tmp:
+            tmp.write_bytes(b"whole")
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == b"whole" and (out.stat().st_mode & 0o777) == 0o644 and not temporaries(out)
 
 
 CHILD = """

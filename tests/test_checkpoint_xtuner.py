@@ -3,6 +3,7 @@ untied key layout, as an mmengine iter_N.pth file and as a DeepSpeed folder."""
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 
@@ -133,6 +134,14 @@ def test_convert_pth_keeps_optimizer_moments(work, tmp_path):
     assert isinstance(full["message_hub"]["log_scalars"]["train/loss"], LogBuffer)
     assert full["message_hub"]["log_scalars"]["train/loss"].values == [1.0, 2.0]
     assert np.array_equal(full["message_hub"]["arr"], np.arange(3))
+
+    # a rerun onto the file it wrote: refused in one line that speaks of a file, the file untouched
+    before = out.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "tokengraft", "convert", str(d / "iter_500.pth"), "--to", str(target),
+                        "-o", str(out), "--source-tokens", "<box>,<ref>"], capture_output=True, text=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "is a file" in lines[0] and "folder;" not in lines[0], r.stderr
+    assert out.read_bytes() == before and not [n for n in os.listdir(tmp_path) if n.startswith(".iter_500_new")]
 
 
 def test_deepspeed_folder(work, tmp_path):

@@ -45,22 +45,40 @@ def _relation(out: Path, inp: Path) -> str | None:
     return None
 
 
-def check_output(out, inputs: dict | None = None, overwrite: bool = False) -> Path:
-    """Refuse (FolderError, one line) an output that is, contains or is inside any input (after
-    resolving symlinks), a path that exists and is not a folder, an existing folder without
-    --overwrite, or --overwrite of a folder tokengraft did not write. An empty folder counts as free.
-    ``inputs``: {"what": path or None}, e.g. {"MODEL_DIR": args.model_dir}."""
-    out = Path(out)
+def _check_apart(out: Path, inputs: dict | None) -> None:
     real = out.resolve()
     for what, p in (inputs or {}).items():
         if p is None or p == "":
             continue
         rel = _relation(real, Path(p).resolve())
         if rel:
-            raise FolderError(f"{out}: the output {rel} the {what} {p}; choose an output folder outside "
+            raise FolderError(f"{out}: the output {rel} the {what} {p}; choose an output path outside "
                               f"every input (inputs are never modified)")
+
+
+def check_file_output(out, inputs: dict | None = None) -> Path:
+    """The rule for a single-file output (a converted ``iter_N.pth``): apart from every input, and
+    never an existing path (a file tokengraft wrote cannot be told from the user's only copy)."""
+    out = Path(out)
+    _check_apart(out, inputs)
+    if os.path.lexists(out):
+        raise FolderError(f"{out}: already exists; a checkpoint file is never replaced: remove it yourself or "
+                          f"choose another output path")
+    if not out.parent.is_dir():
+        raise FolderError(f"{out}: its folder {out.parent} does not exist")
+    return out
+
+
+def check_output(out, inputs: dict | None = None, overwrite: bool = False) -> Path:
+    """Refuse (FolderError, one line) an output that is, contains or is inside any input (after
+    resolving symlinks), a path that exists and is not a folder, an existing folder without
+    --overwrite, or --overwrite of a folder tokengraft did not write. An empty folder counts as free.
+    ``inputs``: {"what": path or None}, e.g. {"MODEL_DIR": args.model_dir}."""
+    out = Path(out)
+    _check_apart(out, inputs)
     if os.path.lexists(out) and not out.is_dir():
-        raise FolderError(f"{out}: exists and is not a folder; choose another output folder")
+        raise FolderError(f"{out}: exists and is a file; tokengraft never replaces a file (it cannot tell one it "
+                          f"wrote from your only copy): remove it yourself or choose another output path")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FolderError(f"{out}: already exists; pass --overwrite (only folders tokengraft wrote "
@@ -109,7 +127,10 @@ def sweep_stale(out) -> list[Path]:
         for p in out.parent.glob(glob_escape(prefix) + "*"):
             m = _TEMP.match(p.name[len(out.name) + 1:])
             if m and not _alive(int(m.group(2))) and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:  # a single-file output's temporary (atomic_file)
+                    p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
 
@@ -179,4 +200,23 @@ def atomic_folder(out, overwrite: bool = False, inputs: dict | None = None):
                 os.rename(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def atomic_file(out):
+    """Yield a temporary sibling path for the file ``out``: on success it is renamed onto ``out``
+    with the umask's mode (mkstemp makes 0600); on error, Ctrl-C or SIGTERM it is removed; the
+    temporaries of a killed run for the same output are swept first."""
+    out = Path(out)
+    sweep_stale(out)
+    with _sigterm_raises():
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
             raise

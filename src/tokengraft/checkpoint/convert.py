@@ -13,13 +13,12 @@ with ``model.safetensors`` and the target's tokenizer and manifest.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from ..hf import IMAGE_TOKEN_KEYS, TEXT_CONFIG_KEYS
-from ..outdir import atomic_folder, sweep_stale
+from ..outdir import atomic_folder, check_file_output
 from .errors import CheckpointError, RemapError
 from .layout import check_explained, classify, identical_pairs, infer_rows, tied_by_layout
 from .optim import remap_optimizer_state
@@ -107,8 +106,7 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
                                                  skip=[b for _, b in pairs])
 
     if is_pickle_file(ck):  # same format out: one file of the same structure
-        _check_file_output(out, {"CHECKPOINT": src, "TARGET": target, "--source-tokenizer": source_tokenizer})
-        sweep_stale(out)
+        check_file_output(out, {"CHECKPOINT": src, "TARGET": target, "--source-tokenizer": source_tokenizer})
         write_pickle_file(ck, new, report, out)
     else:
         with atomic_folder(out, overwrite=overwrite) as tmp:
@@ -129,20 +127,6 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
         log(line)
     log(f"wrote {out}")
     return report
-
-
-def _check_file_output(out: Path, inputs: dict) -> None:
-    """A file output: never an existing path (tokengraft cannot tell a file it wrote from the user's
-    only copy of a checkpoint), never an input or inside one."""
-    if os.path.lexists(out):
-        raise CheckpointError(f"{out}: already exists; a checkpoint file is never replaced: remove it yourself or "
-                              f"choose another output name")
-    real = out.resolve()
-    for what, p in inputs.items():
-        if p is not None and (real == Path(p).resolve() or Path(p).resolve() in real.parents):
-            raise CheckpointError(f"{out}: the output is or is inside the {what} {p}; choose a path outside every input")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"{out}: its folder {out.parent} does not exist")
 
 
 def _config_tied(cfg: dict | None) -> bool:

@@ -16,14 +16,13 @@ hold state dicts, whose tensors are plain already.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import types
 from pathlib import Path
 
 import torch
 
+from ..outdir import atomic_file
 from .safe_pickle import UnsafeCheckpointError, placeholder_global
 
 # Globals that run code, touch files or the network when a pickle is loaded. A checkpoint naming
@@ -76,15 +75,6 @@ def safe_save(obj, path, protocol: int = 2) -> Path:
     The file is written beside ``path`` and renamed into place, so a failure never leaves a
     half-written checkpoint, and a reader of the old file (a copy-on-write mapping) is unaffected."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp, pickle_module=_pickle_module, pickle_protocol=protocol)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets ordinary file modes
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -112,15 +112,13 @@ def _head_name(model) -> str | None:
 def _base_holds_rows(model, ids: dict[str, int], rows_file: Path) -> bool | None:
     """True when ``model``'s rows for ``ids`` equal the run's saved trained rows; False when they
     differ; None when the run kept no rows file to compare with."""
-    if not rows_file.is_file():
-        return None
-    from safetensors import safe_open
+    from ..train.run import RunError, read_rows  # the run folder's own reader of its rows file
 
-    with safe_open(str(rows_file), "pt") as f:
-        tokens = json.loads((f.metadata() or {}).get("tokens", "[]"))
-        saved = {k: f.get_tensor(k).float() for k in f.keys()}
-    if "embed" not in saved or saved["embed"].shape[0] != len(tokens):
+    try:
+        tokens, saved = read_rows(rows_file.parent)
+    except RunError:  # no rows file, or not one tokengraft wrote: nothing to compare with
         return None
+    saved = {k: v.float() for k, v in saved.items()}
     emb = model.get_input_embeddings().weight.detach().float()
     head = model.get_output_embeddings()
     sides = [(emb, saved["embed"])]

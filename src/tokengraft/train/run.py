@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint.safetensors import SafetensorsFile
 from ..manifest import Manifest
 from .adapter import ADAPTER_DIR, ADAPTER_FILE, adapter_folder, lora_weights, save_adapter
 from ..vocab import RowMap, fingerprint, vocab_of
@@ -101,15 +101,16 @@ def read_rows(folder) -> tuple[list[str], dict[str, torch.Tensor]]:
     if not p.is_file():
         raise RunError(f"{folder}: no {ROWS_FILE}; the run folder is incomplete (was it interrupted before "
                        f"its first checkpoint?)")
-    with safe_open(str(p), "pt") as f:
-        meta = f.metadata() or {}
+    with SafetensorsFile(p) as st:  # one open: the token list (metadata) and the rows
+        meta = st.metadata or {}
+        rows = {k: st.get(k) for k in st.keys()}
     try:
         tokens = json.loads(meta["tokens"])
     except (KeyError, json.JSONDecodeError):
         raise RunError(f"{p}: no token list in its metadata; not written by tokengraft") from None
-    rows = load_file(str(p))
-    if rows["embed"].shape[0] != len(tokens):
-        raise RunError(f"{p}: {rows['embed'].shape[0]} rows for {len(tokens)} tokens")
+    if "embed" not in rows or rows["embed"].shape[0] != len(tokens):
+        raise RunError(f"{p}: {rows['embed'].shape[0] if 'embed' in rows else 'no embed'} rows for {len(tokens)} "
+                       f"tokens; not a rows file tokengraft wrote")
     return tokens, rows
 
 
