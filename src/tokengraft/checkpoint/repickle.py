@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..outdir import atomic_file
-from .safe_pickle import UnsafeCheckpointError, placeholder_global
+from .inert import placeholder_global
+from .safe_pickle import UnsafeCheckpointError
 
 # Globals that run code, touch files or the network when a pickle is loaded. A checkpoint naming
 # one is hostile: tokengraft never ran it, and will not hand it on inside a file that looks
