@@ -5,6 +5,7 @@ from ``new`` (a dict, or a :class:`~.stream.LazyRemap` that streams them); every
 linked, or copied byte for byte."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -81,11 +82,8 @@ def _new_entry(k: str, new, ck: Checkpoint) -> Entry:
     """A safetensors entry whose tensor is computed only when the writer reaches it."""
     if not isinstance(new, LazyRemap):
         return tensor_entry(k, new[k])
-    shape = new.shape(k)
-
-    def write(fh):
-        new.write(k, fh)
-    return Entry(k, DTYPE_NAMES[ck.dtype(k)], shape, _nbytes(ck, k, new), write)
+    # new.write itself is the callback: the writer calls the remap directly (no hop back through here)
+    return Entry(k, DTYPE_NAMES[ck.dtype(k)], new.shape(k), _nbytes(ck, k, new), functools.partial(new.write, k))
 
 
 def _safetensors_name(f: str) -> str:
