@@ -318,12 +318,14 @@ def test_a_tokenizer_the_bridge_cannot_reproduce_is_refused(mistral_v1_dir, tmp_
 
     from tokenizers import normalizers
 
-    real = internlm2._sp_backend
+    from tokengraft.internlm2 import tokenizer as sp_tokenizer
+
+    real = sp_tokenizer._sp_backend
 
     def no_dummy_prefix(proto):
         bpe, _, pre, dec = real(proto)
         return bpe, normalizers.Replace(" ", "\u2581"), pre, dec
 
-    monkeypatch.setattr(internlm2, "_sp_backend", no_dummy_prefix)
+    monkeypatch.setattr(sp_tokenizer, "_sp_backend", no_dummy_prefix)
     with pytest.raises(TokengraftError, match="does not tokenize this sentencepiece model exactly"):
         internlm2.load_tokenizer(mistral_v1_dir)
