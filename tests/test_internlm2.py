@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -288,6 +289,21 @@ def test_cli_add_then_doctor(internlm2_dir, tmp_path):
     assert tok.convert_tokens_to_ids("<ref>") == 32008
 
 
+def test_doctor_reads_a_raw_internlm2_folder_through_the_bridge(internlm2_dir, tmp_path):
+    """No remote-code error for InternLM2 (the bridge reads it; the planted .py files stay unimported),
+    while the same auto_map on another model type is still reported."""
+    r = _cli("doctor", internlm2_dir, "--json")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    codes = {f["code"] for f in json.loads(r.stdout)["findings"]}
+    assert "remote-code" not in codes and "tokenizer-unloadable" not in codes, codes
+    other = tmp_path / "other"
+    shutil.copytree(internlm2_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "internlm3"}))
+    r = _cli("doctor", other, "--json")
+    assert r.returncode == 1 and "remote-code" in {f["code"] for f in json.loads(r.stdout)["findings"]}
+
+
 def test_export_uses_the_source_the_manifest_records(internlm2_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -329,3 +345,59 @@ def test_a_tokenizer_the_bridge_cannot_reproduce_is_refused(mistral_v1_dir, tmp_
     monkeypatch.setattr(sp_tokenizer, "_sp_backend", no_dummy_prefix)
     with pytest.raises(TokengraftError, match="does not tokenize this sentencepiece model exactly"):
         internlm2.load_tokenizer(mistral_v1_dir)
+
+
+def test_cli_export_layout_internlm2_round_trips_and_llama_layout_keeps_tokenizer_model(internlm2_dir, smollm2_dir,
+                                                                                       tmp_path):
+    """add -> export --layout internlm2 --verify: every original tensor bit-exact (the grown rows keep
+    the old rows), the new tokens in the original tokenizer files; the default llama layout carries
+    tokenizer.model for llama.cpp's converter; a non-InternLM2 model is refused in one line."""
+    from safetensors.torch import load_file
+
+    added = tmp_path / "added"
+    assert _cli("add", internlm2_dir, "--tokens", "<box>,</box>,<ref>", "-o", added).returncode == 0
+    out = tmp_path / "back"
+    r = _cli("export", added, "-o", out, "--layout", "internlm2", "--verify")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "verify: OK" in r.stdout + r.stderr
+    a, b = load_file(str(internlm2_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if a[k].shape == b[k].shape:
+            assert torch.equal(a[k], b[k]), k
+        else:  # the vocabulary tensors: old rows unchanged, >= three new rows (graft pads the row count)
+            assert b[k].shape[0] >= a[k].shape[0] + 3 and torch.equal(b[k][: a[k].shape[0]], a[k]), k
+    rows = b["model.tok_embeddings.weight"].shape[0]
+    cfg, orig = json.loads((out / "config.json").read_text()), json.loads((internlm2_dir / "config.json").read_text())
+    assert cfg == {**orig, "vocab_size": rows}
+    tc = json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {v["content"] for v in tc.values()} >= {"<box>", "</box>", "<ref>"}
+    man = json.loads((out / "tokengraft.json").read_text())
+    assert man["history"][-1]["layout"] == "internlm2"
+
+    llama = tmp_path / "llama"
+    assert _cli("export", added, "-o", llama).returncode == 0
+    assert (llama / "tokenizer.model").read_bytes() == (internlm2_dir / "tokenizer.model").read_bytes()
+    r = _cli("export", smollm2_dir, "-o", tmp_path / "no", "--layout", "internlm2")
+    assert r.returncode == 2 and "records no InternLM2 source" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("mode", ["rows", "lora"])
+def test_cli_train_on_internlm2_then_export_verify(internlm2_dir, tmp_path, mode):
+    recs = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"Where is thing {i}?"},
+                                              {"from": "gpt", "value": f"<ref>thing</ref><box>{i}</box>"}]}
+            for i in range(8)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(recs))
+    run = tmp_path / "run"
+    r = _cli("train", "--model", internlm2_dir, "--data", data, "--output-dir", run, "--mode", mode,
+             "--tokens", "<box>,</box>,<ref>,</ref>", "--template", "internlm2", "--batch-size", "2",
+             "--max-length", "64", "--max-steps", "2", "--no-progress", "--no-tensorboard")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "export"
+    r = _cli("export", run, "-o", out, "--verify")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "verify: OK" in r.stdout + r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["vocab_size"] >= 32006 + 4

@@ -47,6 +47,7 @@ examples:
   tokengraft export runs/grounding -o ./llava-grounding --verify
   tokengraft export runs/grounding/checkpoint-200 -o ./ck200 --dtype bf16 --max-shard-size 2GB
   tokengraft export ./llava-grafted --adapter ./my-lora -o ./llava-merged --verify
+  tokengraft export runs/internlm2-run -o ./internlm2-new --layout internlm2 --verify   # for XTuner / LMDeploy
 
 exit status: 0 on success; 1 when --verify finds a difference; 2 on bad input (one-line reason).
 docs: docs/export.md"""
@@ -63,6 +64,10 @@ def register(subparsers, name):
     add_max_shard_size(p)
     p.add_argument("--verify", action="store_true",
                    help="reload OUT with plain transformers in a fresh process and compare (see above)")
+    p.add_argument("--layout", choices=("llama", "internlm2"), default="llama",
+                   help="llama (default): the layout transformers, vLLM and llama.cpp read; internlm2: a model read "
+                        "from an InternLM2 folder written back in that folder's own layout (packed wqkv, original "
+                        "config with auto_map, original tokenizer files + the new tokens, original dtype)")
     add_overwrite(p)
     return p
 
@@ -92,7 +97,7 @@ def run(args) -> int:
     check_inputs(args.output, args.overwrite, inputs)
     try:
         export(args.source, args.output, adapter=args.adapter, dtype=args.dtype, max_shard_size=args.max_shard_size,
-               overwrite=args.overwrite, verify_output=args.verify)
+               overwrite=args.overwrite, verify_output=args.verify, layout=args.layout)
     except VerifyError as e:
         for line in e.report.lines():
             print(f"tokengraft export: {line}", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..hf import text_configs
+from ..internlm2.config import is_internlm2
 from ..manifest import Manifest, ManifestError
 from .findings import DoctorError, Finding, first_line
 from .weights import FolderWeights, WeightsMissing
@@ -172,12 +173,14 @@ def gather_folder(path, stack) -> Subject:
         raise DoctorError(f"{folder}: not a folder; doctor checks a Hugging Face checkpoint folder "
                           f"(one written by save_pretrained or `tokengraft add`)")
     sub = Subject(where=str(folder), in_memory=False)
+    sub.config = _read_json(folder / "config.json", sub, "config-invalid")
+    # InternLM2 is read by the built-in bridge: its auto_map names code nobody needs to run
+    bridged = is_internlm2(sub.config)
     for name in CODE_MAP_FILES:
         d = _read_json(folder / name, Subject(where="", in_memory=False), "")  # errors reported below
-        if d is not None and d.get("auto_map"):
+        if d is not None and d.get("auto_map") and not bridged:
             sub.remote_code[name] = d["auto_map"]
 
-    sub.config = _read_json(folder / "config.json", sub, "config-invalid")
     if sub.config is None and not any(f.code == "config-invalid" for f in sub.findings):
         sub.findings.append(Finding("error", "config-missing",
                                     f"{folder}: no config.json; save the model with model.save_pretrained({str(folder)!r})"))
@@ -191,8 +194,22 @@ def gather_folder(path, stack) -> Subject:
     except ManifestError as e:
         sub.findings.append(Finding("error", "manifest-invalid", f"{e}"))
     sub.has_processor_files = any((folder / f).is_file() for f in PROCESSOR_FILES)
-    _load_tokenizer(folder, sub)
+    if bridged:
+        _load_bridged_tokenizer(folder, sub)
+    else:
+        _load_tokenizer(folder, sub)
     return sub
+
+
+def _load_bridged_tokenizer(folder: Path, sub: Subject) -> None:
+    """InternLM2's sentencepiece tokenizer through the bridge (its tokenization_*.py is never imported)."""
+    from ..internlm2 import load_tokenizer
+
+    try:
+        sub.tokenizer = load_tokenizer(folder)
+    except Exception as e:  # the bridge's own one-line reason (missing tokenizer.model, a mismatch, ...)
+        sub.findings.append(Finding("error", "tokenizer-unloadable",
+                                    f"{folder}: the InternLM2 tokenizer cannot be read ({first_line(e)})"))
 
 
 def _gather_weights(folder: Path, sub: Subject, stack) -> None:
@@ -226,6 +243,8 @@ def _gather_weights(folder: Path, sub: Subject, stack) -> None:
 
 def _effective_tie_flag(folder: Path, sub: Subject) -> bool | None:
     """The flag transformers acts on (model-class defaults and LLaVA's text_config fallback included)."""
+    if is_internlm2(sub.config):  # no transformers class: the raw field (InternLM2 keeps its head apart)
+        return bool(sub.config.get("tie_word_embeddings", False))
     try:
         from transformers import AutoConfig
 

@@ -4,6 +4,7 @@ then rename it into place."""
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ..hf import DTYPES, finalize
 from ..outdir import atomic_folder
 from ..manifest import Manifest
 from .errors import ExportError
+from .layout import LAYOUTS, export_internlm2_layout
 from .source import check_finite, load_source
 from .verify import VerifyError, VerifyReport, probe_logits, verify
 
@@ -38,15 +40,27 @@ class ExportReport:
 
 
 def export(source, out, *, adapter=None, dtype: str = "fp32", max_shard_size="5GB", overwrite: bool = False,
-           verify_output: bool = False, log=print) -> ExportReport:
+           verify_output: bool = False, layout: str = "llama", log=print) -> ExportReport:
     """Write ``source`` (run, checkpoint, or model folder [+ adapter]) to ``out`` as one full checkpoint.
 
     With ``verify_output`` the written folder is reloaded in a fresh process and compared, *before*
     it is renamed into place, with a reference: for ``adapter``, PEFT's own (unmerged) load of the
     adapter on a fresh copy of the base; otherwise the merged model. A failed check leaves no
-    ``out`` and raises :class:`VerifyError`."""
+    ``out`` and raises :class:`VerifyError`.
+
+    ``layout="internlm2"`` writes a model read from an InternLM2 folder back in that folder's own
+    layout and dtype (:mod:`.layout`); ``dtype`` and ``max_shard_size`` then do not apply."""
+    if layout not in LAYOUTS:
+        raise ExportError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     _check_args(source, out, dtype, overwrite)
     model, tokenizer, processor, manifest, kind = load_source(source, adapter, log=log)
+    if layout == "internlm2":
+        m = export_internlm2_layout(model, tokenizer, processor, manifest, out, source=source, overwrite=overwrite,
+                                    verify_output=verify_output, log=log)
+        return ExportReport(out=str(out), source=str(source), kind=kind, rows=m.rows, tokenizer_size=len(tokenizer),
+                            tied=m.tied, dtype="as the InternLM2 source", files=sorted(f.name for f in Path(out).iterdir()),
+                            new_tokens=len(m.tokens), stop_token_ids=[t.id for t in m.tokens if t.stop],
+                            suppressed_rows=len(model.generation_config.suppress_tokens or []))
     reference = None
     if adapter is not None and verify_output:
         reference = peft_reference(source, adapter)
@@ -110,6 +124,7 @@ def export_model(model, tokenizer, processor, manifest: Manifest | None, out, *,
         if processor is not None:
             processor.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _carry_sentencepiece(manifest, tmp)
         manifest.save(tmp)
         report_v = None
         if verify_output:
@@ -134,6 +149,17 @@ def export_model(model, tokenizer, processor, manifest: Manifest | None, out, *,
                         tokenizer_size=len(tokenizer), tied=manifest.tied, dtype=dtype, files=files,
                         new_tokens=len(manifest.tokens), stop_token_ids=stop_ids, suppressed_rows=suppressed,
                         rounding_drift=drift, verify=report_v)
+
+
+def _carry_sentencepiece(manifest, folder: Path) -> None:
+    """A model bridged from InternLM2 keeps its ``tokenizer.model`` beside the Llama-layout export:
+    llama.cpp's converter reads the sentencepiece vocabulary from it (the new tokens come from
+    tokenizer.json's added tokens)."""
+    from ..internlm2 import bridge_source
+
+    src = bridge_source(manifest)
+    if src is not None and (src / "tokenizer.model").is_file() and not (folder / "tokenizer.model").exists():
+        shutil.copy2(src / "tokenizer.model", folder / "tokenizer.model")
 
 
 def _save_as(model, folder, dtype, max_shard_size) -> None:

@@ -109,11 +109,13 @@ def _token_entry(t) -> dict:
             "rstrip": bool(t.rstrip), "single_word": bool(t.single_word), "special": bool(t.special)}
 
 
-def save_folder(model, tokenizer, out, original_folder, manifest=None, overwrite: bool = False) -> Path:
+def save_folder(model, tokenizer, out, original_folder, manifest=None, overwrite: bool = False, check=None) -> Path:
     """Write ``model`` (a bridged Llama) in the original InternLM2 layout of ``original_folder``: packed
     ``wqkv`` and InternLM2 key names in the original dtype and shard files, the original config.json
     (``auto_map`` included; ``vocab_size`` = rows), the original tokenizer files with the new tokens
-    in ``added_tokens_decoder``, every other file of the folder copied as data, and the manifest."""
+    in ``added_tokens_decoder``, every other file of the folder copied as data, and the manifest.
+    ``check(tmp)`` runs on the finished temporary folder before it is renamed into place; an exception
+    from it leaves nothing behind."""
     from safetensors.torch import save_file
 
     from ..outdir import atomic_folder
@@ -153,6 +155,8 @@ def save_folder(model, tokenizer, out, original_folder, manifest=None, overwrite
             manifest = copy.deepcopy(manifest)
             manifest.record("layout", layout=MODEL_TYPE, source_arch=MODEL_TYPE)
             manifest.save(tmp)
+        if check is not None:
+            check(tmp)
     return Path(out)
 
 
@@ -192,7 +196,7 @@ def _write_tokenizer_files(original_folder: Path, tmp: Path, new: list) -> None:
             smap.write_text(json.dumps(sm, indent=2, ensure_ascii=False) + "\n")
 
 
-def export_internlm2(model, tokenizer, out, manifest, original_folder=None, overwrite: bool = False) -> Path:
+def export_internlm2(model, tokenizer, out, manifest, original_folder=None, overwrite: bool = False, check=None) -> Path:
     """What ``export --layout internlm2`` calls: ``save_folder`` against the InternLM2 folder the model
     was bridged from (``original_folder``, else the one the manifest records)."""
     src = Path(original_folder) if original_folder else bridge_source(manifest)
@@ -201,4 +205,4 @@ def export_internlm2(model, tokenizer, out, manifest, original_folder=None, over
                              "was not read from an InternLM2 folder); pass the original InternLM2 folder")
     if not (src / "config.json").is_file():
         raise InternLM2Error(f"--layout internlm2: the InternLM2 source folder {src} is gone; pass it where it is now")
-    return save_folder(model, tokenizer, out, src, manifest=manifest, overwrite=overwrite)
+    return save_folder(model, tokenizer, out, src, manifest=manifest, overwrite=overwrite, check=check)
