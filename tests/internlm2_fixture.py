@@ -140,7 +140,7 @@ def build_internlm2(smollm2_dir, sp_dir, dest, layers: int = 4, rope_scaling=Non
 
 def reference_logits(folder, input_ids):
     """InternLM2's forward written by hand from the PACKED weights (fp32): RMSNorm, rotary embedding
-    (with linear scaling when configured), grouped-query attention from ``wqkv`` slices, SwiGLU."""
+    (with linear or dynamic-NTK scaling when configured), grouped-query attention from ``wqkv`` slices, SwiGLU."""
     import torch
     from safetensors.torch import load_file
 
@@ -158,9 +158,14 @@ def reference_logits(folder, input_ids):
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     pos = torch.arange(T, dtype=torch.float32)
-    if cfg.get("rope_scaling"):
-        pos = pos / cfg["rope_scaling"]["factor"]
-    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    rs, base = cfg.get("rope_scaling") or {}, cfg["rope_theta"]
+    if rs.get("type") == "linear":
+        pos = pos / rs["factor"]
+    elif rs.get("type") == "dynamic" and T > cfg["max_position_embeddings"]:
+        # InternLM2's dynamic NTK: a larger base once the sequence outgrows max_position_embeddings
+        f, m = rs["factor"], cfg["max_position_embeddings"]
+        base = base * ((f * T / m) - (f - 1)) ** (D / (D - 2))
+    inv = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     ang = torch.outer(pos, inv)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
 

@@ -137,7 +137,7 @@ def test_maps_are_inverse_and_refuse_unknown_keys():
 
 @pytest.mark.parametrize("change, field", [
     ({"bias": True}, "'bias'"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'rope_scaling'"),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "'rope_scaling'"),
     ({"tie_word_embeddings": True}, "'tie_word_embeddings'"),
 ])
 def test_what_llama_cannot_represent_is_refused_by_field(internlm2_dir, tmp_path, change, field):
@@ -149,6 +149,27 @@ def test_what_llama_cannot_represent_is_refused_by_field(internlm2_dir, tmp_path
         internlm2.load_folder(d)
     msg = str(e.value)
     assert field in msg and "\n" not in msg and str(d) in msg
+
+
+def test_dynamic_rope_matches_internlm2s_dynamic_ntk_past_max_positions(internlm2_dir, tmp_path):
+    """Real InternLM2-7B configs declare dynamic rope scaling: the bridge maps it to transformers'
+    dynamic NTK rope; on a sequence 2.5x longer than max_position_embeddings the bridged logits equal
+    the hand-written InternLM2 forward with its dynamic base (and differ from unscaled rope)."""
+    d = tmp_path / "dyn"
+    shutil.copytree(internlm2_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=16)
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, tok, _, _ = internlm2.load_folder(d)
+    ids = tok(zen(), return_tensors="pt").input_ids[:, :40]
+    assert ids.shape[1] == 40
+    with torch.no_grad():
+        got = model(ids).logits[0].float()
+    want = reference_logits(d, ids[0])
+    assert (got - want).abs().max().item() <= 1e-4
+    plain = {**cfg, "rope_scaling": None}
+    (d / "config.json").write_text(json.dumps(plain))
+    assert (reference_logits(d, ids[0]) - want).abs().max().item() > 1e-2  # the scaling is really exercised
 
 
 # -- the tokenizer ----------------------------------------------------------------------------------

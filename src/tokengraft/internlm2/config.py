@@ -41,10 +41,10 @@ def check_config(cfg: dict, where: str = "config.json") -> None:
     rs = cfg.get("rope_scaling")
     if rs is not None:
         kind = rs.get("type", rs.get("rope_type")) if isinstance(rs, dict) else None
-        if kind != "linear":
+        if kind not in ("linear", "dynamic"):
             raise InternLM2Error(f"{where}: 'rope_scaling' type {kind!r} cannot be represented exactly by the bridge "
-                                 f"(only 'linear' or null); set rope_scaling to null in a copy of the folder if "
-                                 f"you only use contexts up to max_position_embeddings")
+                                 f"(only 'linear', 'dynamic' or null); set rope_scaling to null in a copy of the "
+                                 f"folder if you only use contexts up to max_position_embeddings")
         if not isinstance(rs.get("factor"), (int, float)):
             raise InternLM2Error(f"{where}: 'rope_scaling' has no numeric 'factor'")
     if cfg.get("tie_word_embeddings", False):
@@ -60,8 +60,11 @@ def llama_config(cfg: dict, where: str = "config.json"):
     check_config(cfg, where)
     heads, kv, head_dim, _ = _dims(cfg)
     rope = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
-    if cfg.get("rope_scaling"):
-        rope.update(rope_type="linear", factor=float(cfg["rope_scaling"]["factor"]))
+    rs = cfg.get("rope_scaling")
+    if rs:
+        # 'dynamic' is transformers' dynamic NTK rope: the same base formula InternLM2's own code uses
+        # once a sequence outgrows max_position_embeddings (see docs/internlm2.md for the one difference)
+        rope.update(rope_type=rs.get("type", rs.get("rope_type")), factor=float(rs["factor"]))
     return LlamaConfig(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv,
