@@ -113,7 +113,8 @@ def convert(checkpoint, target, out, *, source_tokenizer=None, source_tokens=Non
             same = info.format in ("hf-folder", "peft") and all(f.endswith((".safetensors", ".bin"))
                                                                 for f in info.files)
             if is_deepspeed_folder(ck):
-                write_deepspeed_folder(ck, new, report, tmp)
+                write_deepspeed_folder(ck, new, report, tmp, row_map,
+                                       {k: v.dim for k, v in found.items() if v is not None})
             elif same and safetensors and any(f.endswith(".bin") for f in info.files):
                 write_bin_as_safetensors(ck, tmp, new, report)
             elif same:

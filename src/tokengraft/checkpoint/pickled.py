@@ -8,9 +8,10 @@ written back as the same globals without importing them (:func:`.repickle.safe_s
 trainer resumes from it (mmengine ``Runner(resume=True)``, XTuner ``pretrained_pth``).
 
 A DeepSpeed checkpoint folder stays a DeepSpeed folder: the model states file is rewritten the
-same way (``module`` remapped, ``param_shapes`` updated), every other file is copied, and the ZeRO
-optimizer partitions are dropped with a note: their flat fp32 buffers cannot be remapped exactly
-here, and XTuner loads the weights without them.
+same way (``module`` remapped, ``param_shapes`` updated), ZeRO-1/2 optimizer partitions are
+remapped exactly (:mod:`.deepspeed`: fp32 masters and moments, re-partitioned for the same world
+size), every other file is copied. Partitions that layout does not cover (ZeRO-3, tensor
+parallel) are dropped with a note: the optimizer restarts.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..vocab import RowMap
+from .deepspeed import NotRepresentable, remap_partitions
 from .readers import Checkpoint
 from .report import RemapReport
 from .repickle import safe_save
@@ -59,14 +62,18 @@ def write_pickle_file(ck: Checkpoint, new: dict, report: RemapReport, out: Path)
 
 def _param_shapes(ps, new: dict):
     """DeepSpeed's ``param_shapes`` (a list of {name: Size} per group) with the new vocabulary shapes."""
+    if isinstance(ps, dict):  # frozen_param_shapes: one {name: Size}
+        return _param_shapes([ps], new)[0]
     if not isinstance(ps, list):
         return ps
     return [{k: (torch.Size(new[k].shape) if k in new else v) for k, v in g.items()} if isinstance(g, dict) else g
             for g in ps]
 
 
-def write_deepspeed_folder(ck: Checkpoint, new: dict, report: RemapReport, tmp: Path) -> None:
-    """``tmp`` becomes a DeepSpeed folder like the source (``latest`` and tag folder kept)."""
+def write_deepspeed_folder(ck: Checkpoint, new: dict, report: RemapReport, tmp: Path,
+                           row_map: RowMap | None = None, vocab_dims: dict | None = None) -> None:
+    """``tmp`` becomes a DeepSpeed folder like the source (``latest`` and tag folder kept).
+    ``vocab_dims``: vocabulary tensor name -> its vocabulary dim (for the ZeRO partitions)."""
     info = ck.info
     src_root = info.path  # the folder the user named; the model states may sit in a tag subfolder
     states = info.root / "mp_rank_00_model_states.pt"
@@ -83,13 +90,26 @@ def write_deepspeed_folder(ck: Checkpoint, new: dict, report: RemapReport, tmp: 
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, tmp / rel)
     obj = _remapped(info.container, info.state_key, new, report)
-    if "param_shapes" in obj:
-        obj["param_shapes"] = _param_shapes(obj["param_shapes"], new)
+    for k in ("param_shapes", "frozen_param_shapes"):
+        if k in obj:
+            obj[k] = _param_shapes(obj[k], new)
     target = tmp / states.relative_to(src_root)
     target.parent.mkdir(parents=True, exist_ok=True)
     safe_save(obj, target)
     report.notes.append(f"DeepSpeed folder kept: {states.relative_to(src_root)} remapped")
+    if dropped and row_map is not None:
+        try:
+            written = remap_partitions(info.root, target.parent, info.container.get("param_shapes"),
+                                       obj.get("param_shapes"), dict(vocab_dims or {}),
+                                       {k: v.float() for k, v in new.items()}, row_map)
+        except NotRepresentable as e:
+            report.notes.append(f"ZeRO partitions not remapped ({e}); dropping them")
+        else:
+            report.notes.append(f"{len(written)} ZeRO-1/2 optimizer partition(s) remapped exactly (fp32 masters: old "
+                                f"rows kept, new rows = their initial rows; moments: new rows zero; re-partitioned "
+                                f"for {len(written)} rank(s))")
+            dropped = []
     if dropped:
-        report.notes.append(f"dropped {len(dropped)} ZeRO optimizer partition(s) ({dropped[0]}...): their flat buffers "
-                            f"cannot be remapped exactly; the weights load (XTuner pretrained_pth), the optimizer "
-                            f"restarts")
+        report.notes.append(f"dropped {len(dropped)} ZeRO optimizer partition(s) ({dropped[0]}...): not a ZeRO-1/2 "
+                            f"layout tokengraft rebuilds exactly; the weights load (XTuner pretrained_pth), the "
+                            f"optimizer restarts")

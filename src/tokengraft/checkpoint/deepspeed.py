@@ -1,0 +1,216 @@
+"""ZeRO-1/2 optimizer partitions across a vocabulary change, exactly as DeepSpeed lays them out.
+
+What DeepSpeed (``runtime/zero/stage_1_and_2.py``) writes, per data-parallel rank ``r`` of ``W``,
+in ``*zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` -> ``optimizer_state_dict``:
+
+- each param group's trainable parameters are flattened in ``param_shapes`` order (the model
+  states file), back to back, then zero-padded at the END to a multiple of ``2 * W``; the padded
+  vector is cut into ``W`` equal partitions, rank ``r`` owns partition ``r``;
+- ``single_partition_of_fp32_groups[g]``: rank ``r``'s fp32 master partition WITHOUT padding
+  (only the last rank's is shorter); ``group_paddings[g]``: the padding on this rank (last rank
+  only); ``partition_count[g]``: ``W``;
+- ``base_optimizer_state``: the torch optimizer's state_dict over the flat partitions (one
+  parameter per group, moments the padded partition's size), or, for ``elastic_checkpoint``,
+  a list per group of moments without padding;
+- ``param_slice_mappings[g]``: parameter name -> ``fragment_address(numel, start)``, the part of
+  that parameter inside rank ``r``'s partition (``start`` relative to the partition).
+
+So the full flat vector of a group is the ranks' unpadded partitions concatenated, and a
+parameter's slice is found by summing the sizes before it. We rebuild it, remap each vocabulary
+parameter's rows (old rows by token identity; a new row's fp32 master is its new initial row,
+its moments zero), re-pad and re-partition for the same ``W`` and write every rank's file back
+with the same structure. Anything else (ZeRO-3, tensor parallel, sizes that do not add up) is not
+exactly representable here: those files are dropped with one note, as before.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..vocab import RowMap
+from .repickle import safe_save
+from .safe_pickle import safe_load
+
+_RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_OSD = "optimizer_state_dict"
+
+
+class NotRepresentable(Exception):
+    """A partition layout this module does not rebuild exactly (the caller drops the files)."""
+
+
+def _int(v) -> int:
+    """ZeroStageEnum is pickled as a global; safe_load keeps it inert with its value in ``args``."""
+    return int(v) if isinstance(v, int) else int(getattr(v, "args", (None,))[0])
+
+
+def rank_files(folder: Path) -> list[Path]:
+    """The ZeRO optimizer files of ``folder`` in data-parallel rank order."""
+    files = [p for p in folder.glob("*_optim_states.pt")]
+    ranked = []
+    for p in files:
+        m = _RANK.search(p.name)
+        if not m:
+            raise NotRepresentable(f"{p.name}: not a zero_pp_rank_R_mp_rank_M file name")
+        if m.group(2) != "00":
+            raise NotRepresentable(f"{p.name}: tensor-parallel (mp_rank {m.group(2)}) partitions")
+        ranked.append((int(m.group(1)), p))
+    ranked.sort()
+    if [r for r, _ in ranked] != list(range(len(ranked))):
+        raise NotRepresentable(f"ranks {[r for r, _ in ranked]} are not 0..{len(ranked) - 1}")
+    return [p for _, p in ranked]
+
+
+def _moments(osd: dict, g: int) -> dict:
+    """{name: flat tensor} of group ``g``'s per-element optimizer state on one rank."""
+    base = osd["base_optimizer_state"]
+    if isinstance(base, list):  # elastic checkpoint: a list per group, no padding
+        st = base[g]
+    else:
+        idx = base["param_groups"][g]["params"][0]
+        st = base["state"].get(idx, {})
+    return {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() == 1}
+
+
+def _layout(n: int, world: int) -> tuple[int, int]:
+    """(partition size, padding) of an ``n``-element group over ``world`` ranks, as DeepSpeed pads."""
+    align = 2 * world
+    padded = align * math.ceil(n / align)
+    return padded // world, padded - n
+
+
+def _gather(parts: list[torch.Tensor], paddings: list[int]) -> torch.Tensor:
+    return torch.cat([p[:p.numel() - pad] if pad else p for p, pad in zip(parts, paddings)])
+
+
+def _remap_flat(flat: torch.Tensor, shapes: dict, new_shapes: dict, vocab: dict, rm: RowMap,
+                fill: dict | None) -> torch.Tensor:
+    """The group's flat vector in the new shapes: vocabulary slices remapped, others as they were.
+    ``fill``: name -> the new rows' values (fp32 master); None: new rows are zero (moments)."""
+    out, o = [], 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        piece = flat[o:o + n]
+        o += n
+        if name in vocab:
+            dim = vocab[name]
+            rows = rm.apply(piece.view(tuple(shape)), dim, None)
+            if fill is not None and rm.new_rows:
+                idx = torch.tensor(rm.new_rows, dtype=torch.long)
+                rows.index_copy_(dim, idx, fill[name].to(rows.dtype).index_select(dim, idx))
+            piece = rows.reshape(-1)
+        if piece.numel() != math.prod(new_shapes[name]):
+            raise NotRepresentable(f"{name}: {piece.numel()} elements, param_shapes says {tuple(new_shapes[name])}")
+        out.append(piece)
+    if o != flat.numel():
+        raise NotRepresentable(f"param_shapes cover {o} elements, the partitions hold {flat.numel()}")
+    return torch.cat(out) if out else flat[:0]
+
+
+def _split(full: torch.Tensor, world: int, keep_padding: bool) -> tuple[list[torch.Tensor], int, int]:
+    """``full`` padded and cut into ``world`` partitions; (partitions, partition size, padding).
+    Without ``keep_padding`` the last rank's padding is cut off, as DeepSpeed saves fp32 masters."""
+    size, pad = _layout(full.numel(), world)
+    if pad > size:
+        raise NotRepresentable(f"a {full.numel()}-element group: its padding spans more than one rank")
+    padded = torch.cat([full, full.new_zeros(pad)])
+    parts = [padded[r * size:(r + 1) * size].clone() for r in range(world)]
+    if not keep_padding and pad:
+        parts[-1] = parts[-1][:size - pad].clone()
+    return parts, size, pad
+
+
+def _address(proto, numel: int, start: int):
+    """A ``fragment_address(numel, start)`` of ``proto``'s class: the real namedtuple, or the inert
+    placeholder safe_load made of it (written back as the same global)."""
+    cls = type(proto)
+    if isinstance(proto, tuple):
+        return cls(numel, start)
+    obj = cls.__new__(cls, numel, start)
+    obj.__dict__["via"] = proto.via
+    return obj
+
+
+def _slice_mappings(old: dict, shapes: dict, rank: int, size: int) -> dict:
+    """name -> fragment_address(numel, start) for the parameters that fall in ``rank``'s partition.
+    The namedtuple class is reused from the input (kept inert by safe_load, never imported)."""
+    proto = next(iter(old.values()), None)
+    if proto is None:
+        return old
+    out, o = type(old)(), 0
+    lo, hi = rank * size, (rank + 1) * size
+    for name, shape in shapes.items():
+        a, b = max(o, lo), min(o + math.prod(shape), hi)
+        if a < b:
+            out[name] = _address(proto, b - a, a - lo)
+        o += math.prod(shape)
+    return out
+
+
+def remap_partitions(folder: Path, out_folder: Path, old_shapes: list, new_shapes: list, vocab: dict,
+                     new_master: dict, rm: RowMap) -> list[str]:
+    """Rewrite ``folder``'s ZeRO-1/2 rank files into ``out_folder``; returns the names written.
+
+    ``old_shapes``/``new_shapes``: the model states' ``param_shapes`` (a {name: shape} per group)
+    before and after; ``vocab``: vocabulary parameter name -> vocabulary dim; ``new_master``:
+    name -> the converted tensor (its new rows are the fp32 masters of new tokens).
+    Raises :class:`NotRepresentable` (nothing written) when the layout is not ZeRO-1/2 as above."""
+    files = rank_files(folder)
+    world = len(files)
+    states = [safe_load(p) for p in files]
+    for p, s in zip(files, states):
+        osd = s.get(_OSD) if isinstance(s, dict) else None
+        if not isinstance(osd, dict) or "single_partition_of_fp32_groups" not in osd:
+            raise NotRepresentable(f"{p.name}: no single_partition_of_fp32_groups (not a ZeRO-1/2 partition)")
+        if _int(osd.get("zero_stage", 0)) not in (1, 2):
+            raise NotRepresentable(f"{p.name}: ZeRO stage {_int(osd.get('zero_stage', 0))}")
+        if any(_int(c) != world for c in osd.get("partition_count", [world])):
+            raise NotRepresentable(f"{p.name}: partition_count {osd.get('partition_count')} != {world} rank files")
+    osds = [s[_OSD] for s in states]
+    groups = len(osds[0]["single_partition_of_fp32_groups"])
+    if not isinstance(old_shapes, list) or len(old_shapes) != groups:
+        raise NotRepresentable(f"param_shapes has {len(old_shapes) if isinstance(old_shapes, list) else '?'} "
+                               f"groups, the partitions {groups}")
+    elastic = isinstance(osds[0]["base_optimizer_state"], list)
+    new_osds = [{**o, "single_partition_of_fp32_groups": list(o["single_partition_of_fp32_groups"]),
+                 "group_paddings": list(o.get("group_paddings", [0] * groups))} for o in osds]
+    for o in new_osds:
+        base = o["base_optimizer_state"]
+        o["base_optimizer_state"] = ([dict(g) for g in base] if elastic else
+                                     {**base, "state": {k: dict(v) for k, v in base["state"].items()}})
+        if "param_slice_mappings" in o:
+            o["param_slice_mappings"] = list(o["param_slice_mappings"])
+    for g in range(groups):
+        shapes, nshapes = old_shapes[g], new_shapes[g]
+        gv = {k: d for k, d in vocab.items() if k in shapes}
+        paddings = [_int(o.get("group_paddings", [0] * groups)[g]) for o in osds]
+        master = _gather([o["single_partition_of_fp32_groups"][g] for o in osds], [0] * world)
+        full = _remap_flat(master, shapes, nshapes, gv, rm, new_master)
+        parts, size, pad = _split(full, world, keep_padding=False)
+        moments = [_moments(o, g) for o in osds]
+        new_moments = {}
+        for key in moments[0]:
+            flat = _gather([m[key] for m in moments], [0] * world if elastic else paddings)
+            new_moments[key] = _split(_remap_flat(flat, shapes, nshapes, gv, rm, None), world, not elastic)[0]
+        for r, o in enumerate(new_osds):
+            o["single_partition_of_fp32_groups"][g] = parts[r]
+            o["group_paddings"][g] = pad if r == world - 1 else 0
+            base = o["base_optimizer_state"]
+            st = base[g] if elastic else base["state"].setdefault(base["param_groups"][g]["params"][0], {})
+            for key, ps in new_moments.items():
+                st[key] = ps[r]
+            if "param_slice_mappings" in o and g < len(o["param_slice_mappings"]):
+                o["param_slice_mappings"][g] = _slice_mappings(o["param_slice_mappings"][g], nshapes, r, size)
+    written = []
+    for p, s, o in zip(files, states, new_osds):
+        target = out_folder / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        safe_save({**s, _OSD: o}, target)
+        written.append(p.name)
+    return written
+
+
+__all__ = ["NotRepresentable", "rank_files", "remap_partitions"]

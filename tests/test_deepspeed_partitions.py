@@ -1,0 +1,188 @@
+"""ZeRO-1/2 optimizer partitions remapped exactly (checkpoint/deepspeed.py): every row of the fp32
+masters and of both Adam moments checked by token identity after `tokengraft convert`, on folders
+laid out as DeepSpeed writes them (tests/zero_layout.py), over 2 and 3 ranks, plain and elastic;
+and, where the cached XTuner venv exists, the same folder built with DeepSpeed's own classes and
+read back by DeepSpeed's own zero_to_fp32."""
+from __future__ import annotations
+
+import collections
+import enum
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_helpers import internlm2_llava_state, word_tokenizer, words
+from zero_layout import GROUPS, write
+
+from tokengraft.checkpoint.safe_pickle import safe_load
+
+V, H = 1000, 16
+SRC = words(V - 2) + ["<box>", "<ref>"]
+TGT = words(V - 2) + ["<ref>", "<p>", "<box>", "</p>", "<quad>"]  # 1003: reordered + 3 new
+MOVED = {998: 999, 1000: 998}  # target row -> source row (by identity)
+NEW = (999, 1001, 1002)
+VOCAB = ("llm.model.tok_embeddings.weight", "llm.output.weight", "llm.base_model.model.output.lora_B.default.weight")
+
+
+class ZeroStageEnum(int, enum.Enum):  # stands in for DeepSpeed's: a global the reader must not import
+    optimizer_states = 1
+    gradients = 2
+
+
+fragment_address = collections.namedtuple("fragment_address", ["numel", "start"])
+
+
+def _state():
+    st = internlm2_llava_state(V, H)
+    st["projector.gate"] = torch.randn(3)  # an odd size: the groups need alignment padding
+    return st
+
+
+def _source_row(t: int) -> int | None:
+    if t < V - 2:
+        return t
+    return MOVED.get(t)
+
+
+def _convert(src: Path, target: Path, out: Path) -> str:
+    r = subprocess.run([sys.executable, "-m", "tokengraft", "convert", str(src), "--to", str(target), "-o", str(out),
+                        "--source-tokens", "<box>,<ref>"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _read_flat(folder: Path):
+    """{group: (master, exp_avg, exp_avg_sq)} full unpadded flat vectors, rank files in order,
+    plus the per-rank dicts (DeepSpeed's zero_to_fp32 reading: concatenate the unpadded masters)."""
+    files = sorted(folder.glob("*_optim_states.pt"), key=lambda p: int(p.name.split("_")[4]))
+    osds = [safe_load(p)["optimizer_state_dict"] for p in files]
+    out = {}
+    for g in range(len(GROUPS)):
+        master = torch.cat([o["single_partition_of_fp32_groups"][g] for o in osds])
+        moments = []
+        for key in ("exp_avg", "exp_avg_sq"):
+            parts = []
+            for o in osds:
+                base = o["base_optimizer_state"]
+                st = base[g] if isinstance(base, list) else base["state"][base["param_groups"][g]["params"][0]]
+                pad = 0 if isinstance(base, list) else o["group_paddings"][g]
+                parts.append(st[key][:st[key].numel() - pad])
+            moments.append(torch.cat(parts))
+        out[g] = (master, *moments)
+    return out, osds
+
+
+def _slices(flat: torch.Tensor, shapes: dict) -> dict:
+    out, o = {}, 0
+    for k, s in shapes.items():
+        n = math.prod(s)
+        out[k] = flat[o:o + n].view(tuple(s))
+        o += n
+    assert o == flat.numel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zero_target")
+    word_tokenizer(TGT).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("world,elastic", [(2, False), (3, True)])
+def test_every_row_by_identity(tmp_path, target, world, elastic):
+    src = tmp_path / "iter_500.pth"
+    truth = write(_state(), src, world, elastic, ZeroStageEnum.gradients, fragment_address)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    log = _convert(src, target, tmp_path / "out")
+    assert f"{world} ZeRO-1/2 optimizer partition(s) remapped exactly" in log and "optimizer partition(s) (" not in log
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the input is untouched
+
+    out = tmp_path / "out"
+    states = safe_load(out / "mp_rank_00_model_states.pt")
+    shapes = states["param_shapes"]
+    for k in VOCAB:
+        assert tuple(states["module"][k].shape)[0] == V + 3
+        assert tuple(next(s[k] for s in shapes if k in s))[0] == V + 3
+    flats, osds = _read_flat(out)
+    got = {}
+    for g, (master, m1, m2) in flats.items():
+        for k, (a, b, c) in zip(shapes[g], zip(*[_slices(x, shapes[g]).values() for x in (master, m1, m2)])):
+            got[k] = (a, b, c)
+    for k in VOCAB:
+        old, new = truth[k], got[k]
+        for t in range(V + 3):
+            s = _source_row(t)
+            if s is None:  # new token: master = the converted initial row, moments zero
+                assert torch.equal(new[0][t], states["module"][k][t].float()), (k, t)
+                assert torch.count_nonzero(new[1][t]) == 0 and torch.count_nonzero(new[2][t]) == 0
+            else:
+                for j in range(3):
+                    assert torch.equal(new[j][t], old[j][s]), (k, t, s, j)
+    for k in set(got) - set(VOCAB):  # everything else bit-identical
+        assert all(torch.equal(got[k][j], truth[k][j]) for j in range(3)), k
+
+    # the layout DeepSpeed expects for the new sizes: equal padded partitions, padding on the last rank
+    for g in range(len(GROUPS)):
+        n = flats[g][0].numel()
+        size = 2 * world * math.ceil(n / (2 * world)) // world
+        pad = size * world - n
+        assert [o["group_paddings"][g] for o in osds] == [0] * (world - 1) + [pad]
+        assert [o["partition_count"][g] for o in osds] == [world] * world
+        for r, o in enumerate(osds):
+            base = o["base_optimizer_state"]
+            st = base[g] if elastic else base["state"][g]
+            want = size - (pad if (elastic and r == world - 1) else 0)
+            assert st["exp_avg"].numel() == want and st["exp_avg_sq"].numel() == want
+            assert o["single_partition_of_fp32_groups"][g].numel() == size - (pad if r == world - 1 else 0)
+            # param_slice_mappings: numel/start of each parameter's piece on this rank
+            o_, maps = 0, {}
+            for k, s in shapes[g].items():
+                a, b = max(o_, r * size), min(o_ + math.prod(s), (r + 1) * size)
+                if a < b:
+                    maps[k] = (b - a, a - r * size)
+                o_ += math.prod(s)
+            assert {k: tuple(v.args) for k, v in o["param_slice_mappings"][g].items()} == maps
+            assert type(o["zero_stage"]).name == "ZeroStageEnum" and o["zero_stage"].args == (2,)
+
+
+def test_zero3_partitions_are_dropped_with_a_note(tmp_path, target):
+    src = tmp_path / "ckpt"
+    write(_state(), src, 2, False, 3, fragment_address)  # stage 3 in a stage-2 layout: not rebuilt
+    log = _convert(src, target, tmp_path / "out")
+    assert "ZeRO partitions not remapped" in log and "ZeRO stage 3" in log
+    assert not list((tmp_path / "out").glob("*_optim_states.pt"))
+
+
+def test_real_deepspeed_reads_the_converted_folder(tmp_path, target):
+    """Built with DeepSpeed's own ZeroStageEnum/fragment_address, read back by DeepSpeed's own
+    zero_to_fp32 (the reader XTuner's pretrained_pth copies): rows by identity."""
+    from xtuner_env import is_ready, venv_python
+    if not is_ready():
+        pytest.skip("the cached XTuner venv (python tests/xtuner_env.py) is not built")
+    py = str(venv_python())
+    torch.save(_state(), tmp_path / "state.pt")
+    src = tmp_path / "src" / "global_step1"
+    subprocess.run([py, str(Path(__file__).with_name("zero_layout.py")), str(tmp_path / "state.pt"), str(src),
+                    "2", "0"], check=True, timeout=600)
+    out = tmp_path / "out" / "global_step1"
+    out.parent.mkdir()
+    _convert(src, target, out)
+    script = ("import sys, torch\nfrom deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint\n"
+              "for d in sys.argv[1:]:\n"
+              "    sd = get_fp32_state_dict_from_zero_checkpoint(d, tag='global_step1')\n"
+              "    torch.save({k: v.clone() for k, v in sd.items()}, d + '/fp32.pt')\n")
+    subprocess.run([py, "-c", script, str(src.parent), str(out.parent)], check=True, timeout=600,
+                   capture_output=True)
+    old = torch.load(src.parent / "fp32.pt", weights_only=True)
+    new = torch.load(out.parent / "fp32.pt", weights_only=True)
+    truth = torch.load(src.parent / "truth.pt", weights_only=True)
+    for k in VOCAB:
+        assert torch.equal(old[k], truth[k][0]) and new[k].shape[0] == V + 3
+        for t in range(V + 3):
+            s = _source_row(t)
+            if s is not None:
+                assert torch.equal(new[k][t], old[k][s]), (k, t)
