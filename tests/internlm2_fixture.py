@@ -138,7 +138,7 @@ def build_internlm2(smollm2_dir, sp_dir, dest, layers: int = 4, rope_scaling=Non
     return dest
 
 
-def reference_logits(folder, input_ids):
+def reference_logits(folder, input_ids=None, *, weights=None, embeds=None):
     """InternLM2's forward written by hand from the PACKED weights (fp32): RMSNorm, rotary embedding
     (with linear or dynamic-NTK scaling when configured), grouped-query attention from ``wqkv`` slices, SwiGLU."""
     import torch
@@ -146,13 +146,14 @@ def reference_logits(folder, input_ids):
 
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    w = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
+    # ``weights``: packed InternLM2 tensors to use instead of the folder's; ``embeds``: (T, hidden) inputs
+    w = {k: v.float() for k, v in (weights or load_file(str(folder / "model.safetensors"))).items()}
     H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     D = cfg["hidden_size"] // H
     G = H // KV
     eps = cfg["rms_norm_eps"]
-    ids = torch.as_tensor(input_ids)
-    T = ids.shape[-1]
+    ids = torch.as_tensor(input_ids) if embeds is None else None
+    T = ids.shape[-1] if embeds is None else embeds.shape[0]
 
     def rms(x, weight):
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
@@ -173,7 +174,7 @@ def reference_logits(folder, input_ids):
         x1, x2 = x[..., :D // 2], x[..., D // 2:]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    x = w["model.tok_embeddings.weight"][ids]
+    x = w["model.tok_embeddings.weight"][ids] if embeds is None else embeds.float()
     mask = torch.full((T, T), float("-inf")).triu(1)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."

@@ -29,7 +29,8 @@ import torch
 
 from .checkpoint.errors import XTunerError
 from .checkpoint.lora import lora_ranks, merge_lora, merge_peft, unwrap_peft_names
-from .checkpoint.xtuner_layout import lora_setting, read_xtuner, split_export, split_parts
+from .checkpoint.xtuner_layout import (check_named_rows, checkpoint_rows, lora_setting, read_xtuner, split_export,
+                                        split_parts)
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -75,6 +76,7 @@ class _Inputs:
     parts: dict
     cfg_text: str | None
     notes: list[str]
+    source_arch: str | None = None  # the LLM's own architecture when a bridge read it (internlm2)
 
 
 @dataclass
@@ -199,41 +201,19 @@ def _inputs(source, llm, visual_encoder, projector, llm_adapter, visual_encoder_
     return _Inputs(src, llm, visual_encoder, llm_adapter, visual_encoder_adapter, parts, cfg_text, notes)
 
 
-def _checkpoint_rows(plain: dict, lora: dict, emb_key: str | None) -> int | None:
-    """The vocabulary rows the checkpoint's LLM tensors (full or LoRA) have, if any."""
-    rows = None
-    for k, v in plain.items():
-        if k == emb_key or (k.endswith("lm_head.weight") and v.dim() == 2):
-            rows = max(rows or 0, v.shape[0])
-    for mod, ab in lora.items():
-        if mod.endswith("lm_head") and "lora_B" in ab:
-            rows = max(rows or 0, ab["lora_B"].shape[0])
-        if mod.endswith("embed_tokens") and "lora_embedding_A" in ab:
-            rows = max(rows or 0, ab["lora_embedding_A"].shape[1])
-    return rows
-
-
-def _check_named_rows(plain: dict, n_base: int, n_user: int) -> None:
-    """Full embedding / head rows the checkpoint trained beyond the LLM's tokenizer belong to tokens
-    only the user can name (XTuner stores no vocabulary): without them they would be thrown away."""
-    rows = max([v.shape[0] for k, v in plain.items() if v.dim() == 2 and
-                k.endswith(("embed_tokens.weight", "lm_head.weight"))], default=None)
-    if rows is not None and rows - n_base > n_user:
-        raise XTunerError(f"the checkpoint has {rows - n_base} trained vocabulary row(s) beyond the LLM's "
-                          f"{n_base} tokens (rows {n_base}..{rows - 1}) but --tokens names {n_user}; pass "
-                          f"--tokens (or --tokens-file) with the tokens the XTuner run added, in order")
-
-
 def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dict) -> _LLM:
     """1-2. The LLM folder, its PEFT adapter merged, resized as XTuner resized it, the checkpoint on top."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import is_tied, rows_of
+    from .xtuner_internlm2 import is_internlm2_folder
 
+    if is_internlm2_folder(inp.llm):
+        return _internlm2_language_model(inp, user, tokenizer, lora_alpha, loaded)
     tok = AutoTokenizer.from_pretrained(str(tokenizer or inp.llm), trust_remote_code=False)
     n_base = len(tok)
     plain, lora = unwrap_peft_names(inp.parts["llm"])
-    _check_named_rows(plain, n_base, len(user))  # before the slow load
+    check_named_rows(plain, n_base, len(user))  # before the slow load
     lm = AutoModelForCausalLM.from_pretrained(str(inp.llm), dtype=torch.float32, trust_remote_code=False)
     if inp.llm_adapter is not None:
         lm = merge_peft(lm, inp.llm_adapter, "llm")
@@ -241,7 +221,7 @@ def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dic
     if getattr(lm.config, "model_type", None) not in ("llama", "mistral", "qwen2", "vicuna"):
         inp.notes.append(f"language model type {lm.config.model_type!r} is outside the tested scope (LLaMA family)")
     emb_key = next((k for k in lm.state_dict() if k.endswith("embed_tokens.weight")), None)
-    rows_ck = _checkpoint_rows(plain, lora, emb_key)
+    rows_ck = checkpoint_rows(plain, lora, emb_key)
     if rows_ck is not None and rows_ck < rows_of(lm):
         raise XTunerError(f"the checkpoint's vocabulary rows ({rows_ck}) are fewer than the LLM's ({rows_of(lm)}); "
                           f"was the run built on another LLM folder than {inp.llm}?")
@@ -263,6 +243,27 @@ def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dic
     trained_in = emb_key in plain if emb_key else False
     trained_out = trained_in if tied else head_key in plain
     return _LLM(tok, lm, n_base, rows_ck, tied, trained_in, trained_out, merged)
+
+
+def _internlm2_language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dict) -> _LLM:
+    """1-2. for an InternLM2 LLM: the checkpoint applied in InternLM2's packed layout, then bridged to Llama."""
+    from .xtuner_internlm2 import language_model
+
+    if inp.llm_adapter is not None:
+        raise XTunerError(f"{inp.llm_adapter}: a separate PEFT adapter on an InternLM2 LLM is not supported; pass the "
+                          f"iter_N.pth (or DeepSpeed folder) of the run, which holds the same LoRA weights")
+    st = lora_setting(inp.cfg_text, "llm_lora")
+    lm, tok, n_base, rows_ck, t_in, t_out, merged, n = language_model(
+        inp.llm, inp.parts["llm"], tokenizer=tokenizer, alpha=lora_alpha if lora_alpha is not None else st.get("lora_alpha"),
+        use_rslora=st.get("use_rslora", False), n_user=len(user), check_named_rows=check_named_rows)
+    if n:
+        loaded["llm"] = n
+    inp.source_arch = "internlm2"
+    inp.notes.append(f"InternLM2 LLM {inp.llm} read by the built-in bridge (written as Llama; no remote code)")
+    if rows_ck is not None and rows_ck > n_base:
+        inp.notes.append(f"the checkpoint has {rows_ck} vocabulary rows, the LLM {n_base} tokens: rows {n_base}.."
+                         f"{rows_ck - 1} are taken to be the given tokens in order (XTuner stores no vocabulary)")
+    return _LLM(tok, lm, n_base, rows_ck, False, t_in, t_out, merged)
 
 
 def _vision_tower(inp: _Inputs, visual_lora_alpha, loaded: dict):
@@ -338,6 +339,7 @@ def _save(model, tok, processor, manifest, out: Path, inp: _Inputs, merged: list
 
     manifest = finalize(model, tok, processor, manifest)
     manifest.record("import-xtuner", source=str(inp.src) if inp.src else None, llm=str(inp.llm),
+                    source_arch=inp.source_arch or model.config.text_config.model_type,
                     visual_encoder=str(inp.visual_encoder), merged_lora=merged, notes=inp.notes)
     with atomic_folder(out, overwrite) as tmp:
         model.to(dtype)

@@ -71,4 +71,34 @@ def lora_setting(cfg_text: str | None, block: str) -> dict:
     return out
 
 
-__all__ = ["PREFIXES", "read_xtuner", "split_parts", "split_export", "lora_setting", "XTunerError"]
+
+
+# -- vocabulary rows of an XTuner checkpoint (XTuner stores no vocabulary) ---------------------------
+
+def checkpoint_rows(plain: dict, lora: dict, emb_key: str | None) -> int | None:
+    """The vocabulary rows the checkpoint's LLM tensors (full or LoRA) have, if any."""
+    rows = None
+    for k, v in plain.items():
+        if k == emb_key or (k.endswith("lm_head.weight") and v.dim() == 2):
+            rows = max(rows or 0, v.shape[0])
+    for mod, ab in lora.items():
+        if mod.endswith("lm_head") and "lora_B" in ab:
+            rows = max(rows or 0, ab["lora_B"].shape[0])
+        if mod.endswith("embed_tokens") and "lora_embedding_A" in ab:
+            rows = max(rows or 0, ab["lora_embedding_A"].shape[1])
+    return rows
+
+
+def check_named_rows(plain: dict, n_base: int, n_user: int) -> None:
+    """Full embedding / head rows the checkpoint trained beyond the LLM's tokenizer belong to tokens
+    only the user can name (XTuner stores no vocabulary): without them they would be thrown away."""
+    rows = max([v.shape[0] for k, v in plain.items() if v.dim() == 2 and
+                k.endswith(("embed_tokens.weight", "lm_head.weight"))], default=None)
+    if rows is not None and rows - n_base > n_user:
+        raise XTunerError(f"the checkpoint has {rows - n_base} trained vocabulary row(s) beyond the LLM's "
+                          f"{n_base} tokens (rows {n_base}..{rows - 1}) but --tokens names {n_user}; pass "
+                          f"--tokens (or --tokens-file) with the tokens the XTuner run added, in order")
+
+
+__all__ = ["PREFIXES", "read_xtuner", "split_parts", "split_export", "lora_setting", "XTunerError", "checkpoint_rows",
+           "check_named_rows"]

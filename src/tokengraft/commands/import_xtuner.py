@@ -31,8 +31,10 @@ What happens:
      to a multiple of 64 and padding rows are suppressed in generation;
   5. XTuner's image features (hidden layer -2, CLS dropped) are written to the config as
      vision_feature_layer=-2, vision_feature_select_strategy="default".
-Scope: LLaMA-architecture language models (LLaMA, Vicuna, Mistral, Qwen2, SmolLM2) and a CLIP
-tower with XTuner's depth-2 MLP projector. XTuner's pad-to-square image preprocessing is not part
+Scope: LLaMA-architecture language models (LLaMA, Vicuna, Mistral, Qwen2, SmolLM2) and InternLM2
+(an --llm folder with model_type internlm2 is read by the built-in bridge, its *.py never run; the
+checkpoint's full tensors and LoRA on the packed wqkv/wo/w1..w3/output are applied in InternLM2's
+layout, then written as Llama), with a CLIP tower and XTuner's depth-2 MLP projector. XTuner's pad-to-square image preprocessing is not part
 of CLIPImageProcessor; pad images yourself for identical inputs.
 
 OUT is written to a temporary sibling and renamed into place; inputs are never modified."""
