@@ -49,7 +49,7 @@ def _source_row(t: int) -> int | None:
 
 def _convert(src: Path, target: Path, out: Path) -> str:
     r = subprocess.run([sys.executable, "-m", "tokengraft", "convert", str(src), "--to", str(target), "-o", str(out),
-                        "--source-tokens", "<box>,<ref>"], capture_output=True, text=True, timeout=600)
+                        "--source-tokens", "<box>,<ref>"], capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -105,8 +105,8 @@ def test_every_row_by_identity(tmp_path, target, world, elastic):
     states = safe_load(out / "mp_rank_00_model_states.pt")
     shapes = states["param_shapes"]
     for k in VOCAB:
-        assert tuple(states["module"][k].shape)[0] == V + 3
-        assert tuple(next(s[k] for s in shapes if k in s))[0] == V + 3
+        assert states["module"][k].shape[0] == V + 3
+        assert next(s[k] for s in shapes if k in s)[0] == V + 3
     flats, osds = _read_flat(out)
     got = {}
     for g, (master, m1, m2) in flats.items():

@@ -23,8 +23,8 @@ import torch
 from ..vocab import RowMap
 from .deepspeed import NotRepresentable, remap_partitions
 from .readers import Checkpoint
-from .report import RemapReport
 from .repickle import safe_save
+from .report import RemapReport
 from .safe_pickle import safe_load
 
 OPTIM_PARTITIONS = "*_optim_states.pt"

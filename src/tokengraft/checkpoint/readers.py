@@ -273,8 +273,8 @@ def _open_deepspeed(folder: Path, info: CheckpointInfo) -> Checkpoint:
     rel = model_file.name
     info.files[rel] = list(sd)
     if zero_shards:
-        info.notes.append(f"{folder.name}: {len(zero_shards)} ZeRO optimizer shard(s) not read (weights come from "
-                          f"{rel}; resuming the optimizer needs DeepSpeed itself)")
+        info.notes.append(f"{folder.name}: weights read from {rel}; its {len(zero_shards)} ZeRO optimizer shard(s) "
+                          f"are read only by convert (ZeRO-1/2 partitions remapped)")
     return Checkpoint(info, {k: (tuple(t.shape), t.dtype, rel) for k, t in sd.items()}, sd)
 
 
