@@ -422,3 +422,31 @@ def test_cli_train_on_internlm2_then_export_verify(internlm2_dir, tmp_path, mode
     assert "verify: OK" in r.stdout + r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["vocab_size"] >= 32006 + 4
+
+
+def test_convert_an_xtuner_internlm2_checkpoint_to_the_new_internlm2_folder(internlm2_dir, tmp_path):
+    """The original user's path: tokens added (Llama layout), written back as InternLM2 for XTuner, and the
+    old XTuner iter_N.pth (InternLM2 key names, 32,006 rows) converted to it: same format out, old rows
+    by token identity, new rows initialized; the raw InternLM2 folder is the source tokenizer (read by
+    the bridge, never its remote code)."""
+    from safetensors.torch import load_file
+
+    from tokengraft.checkpoint.safe_pickle import safe_load
+
+    added = tmp_path / "added"
+    assert _cli("add", internlm2_dir, "--tokens", "<box>,</box>,<ref>", "-o", added).returncode == 0
+    new_llm = tmp_path / "new_llm"
+    assert _cli("export", added, "-o", new_llm, "--layout", "internlm2").returncode == 0
+    packed = load_file(str(internlm2_dir / "model.safetensors"))
+    sd = {f"llm.{k}": v for k, v in packed.items()}
+    sd["projector.model.0.weight"] = torch.randn(8, 4)
+    torch.save({"meta": {"iter": 4}, "state_dict": sd, "message_hub": {}}, tmp_path / "iter_4.pth")
+    r = _cli("convert", tmp_path / "iter_4.pth", "--to", new_llm, "-o", tmp_path / "iter_4_new.pth",
+             "--source-tokenizer", internlm2_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = safe_load(tmp_path / "iter_4_new.pth")["state_dict"]
+    rows = json.loads((new_llm / "config.json").read_text())["vocab_size"]
+    for k in ("llm.model.tok_embeddings.weight", "llm.output.weight"):
+        assert out[k].shape[0] == rows and torch.equal(out[k][:32006], packed[k[4:]]), k
+        assert torch.isfinite(out[k][32006:32009]).all() and (out[k][32006:32009].norm(dim=1) > 0).all(), k
+    assert torch.equal(out["llm.model.layers.0.attention.wqkv.weight"], packed["model.layers.0.attention.wqkv.weight"])
