@@ -184,7 +184,10 @@ def stage_deepspeed(work: Path):
     shared = {"llm.lm_head.weight": "llm.model.embed_tokens.weight"}
     order = [k for k in sd if k not in shared]
     flat = torch.cat([sd[k].float().reshape(-1) for k in order])
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 2)])  # ZeRO-2 aligns to 2 * world size
+    pad = -flat.numel() % 2  # ZeRO-2 pads the flat group to 2 * world size; the fp32 master is saved unpadded
+    g = torch.Generator().manual_seed(0)
+    moments = {"step": torch.tensor(4.0), "exp_avg": torch.randn(flat.numel() + pad, generator=g),
+               "exp_avg_sq": torch.rand(flat.numel() + pad, generator=g)}  # the partition's size, padding included
     ds = work / "ds_iter_4.pth"
     ds.mkdir()
     torch.save({"module": {k: v.to(torch.bfloat16) for k, v in sd.items()}, "buffer_names": [],
@@ -192,9 +195,10 @@ def stage_deepspeed(work: Path):
                 "frozen_param_shapes": None, "frozen_param_fragments": None, "shared_params": shared,
                 "ds_version": "0.16.2", "global_steps": 4, "iter": 4},
                ds / "mp_rank_00_model_states.pt")
-    torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": 1, "loss_scaler": None,
-                                         "single_partition_of_fp32_groups": [flat],
-                                         "optimizer_state_dict": {"state": {}, "param_groups": []}},
+    torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": [1], "loss_scaler": None,
+                                         "single_partition_of_fp32_groups": [flat], "group_paddings": [pad],
+                                         "base_optimizer_state": {"state": {0: moments},
+                                                                  "param_groups": [{"lr": 2e-4, "params": [0]}]}},
                 "ds_config": {"zero_optimization": {"stage": 2}}, "ds_version": "0.16.2"},
                ds / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     model = MODELS.build(_model_cfg(work, "old_llm", pretrained_pth=str(ds)))
@@ -436,12 +440,11 @@ if __name__ != "__main__":
         out = work / "ds_iter_4_new.pth"
         r = _tokengraft_convert(work / "ds_iter_4.pth", work / "new_llm", out, work / "old_llm")
         assert r.returncode == 0 and out.is_dir(), r.stderr
+        assert "ZeRO-1/2 optimizer partition(s) remapped exactly" in r.stdout, r.stdout
+        # XTuner's guess_load_checkpoint rebuilds the weights from the optimizer partitions' fp32
+        # master copy (single_partition_of_fp32_groups) and param_shapes only: the remapped
+        # partitions are what it reads
         facts = _stage(py, "load", work, out.name)
-        if not facts["loaded"] and "optim_states" in facts["error"]:
-            # XTuner's guess_load_checkpoint rebuilds the weights from the optimizer partitions'
-            # fp32 master copy (single_partition_of_fp32_groups) and param_shapes only: without
-            # remapped partitions it cannot load the folder at all
-            pytest.xfail(f"convert drops the DeepSpeed optimizer partitions; XTuner needs them: {facts['error']}")
         assert facts["loaded"] and facts["model_rows"] == prep["new_rows"], facts
         # XTuner rebuilds from the fp32 partition, cast to fp16: rows equal the fp16-rounded originals
         assert facts["rows_equal"] == prep["old_rows"] and facts["tied"], facts

@@ -66,7 +66,9 @@ def rank_files(folder: Path) -> list[Path]:
 
 def _moments(osd: dict, g: int) -> dict:
     """{name: flat tensor} of group ``g``'s per-element optimizer state on one rank."""
-    base = osd["base_optimizer_state"]
+    base = osd.get("base_optimizer_state")
+    if base is None:  # no moments saved (nothing to remap)
+        return {}
     if isinstance(base, list):  # elastic checkpoint: a list per group, no padding
         st = base[g]
     else:
@@ -167,20 +169,22 @@ def remap_partitions(folder: Path, out_folder: Path, old_shapes: list, new_shape
             raise NotRepresentable(f"{p.name}: no single_partition_of_fp32_groups (not a ZeRO-1/2 partition)")
         if _int(osd.get("zero_stage", 0)) not in (1, 2):
             raise NotRepresentable(f"{p.name}: ZeRO stage {_int(osd.get('zero_stage', 0))}")
-        if any(_int(c) != world for c in osd.get("partition_count", [world])):
+        counts = osd.get("partition_count", [world])
+        if any(_int(c) != world for c in (counts if isinstance(counts, (list, tuple)) else [counts])):
             raise NotRepresentable(f"{p.name}: partition_count {osd.get('partition_count')} != {world} rank files")
     osds = [s[_OSD] for s in states]
     groups = len(osds[0]["single_partition_of_fp32_groups"])
     if not isinstance(old_shapes, list) or len(old_shapes) != groups:
         raise NotRepresentable(f"param_shapes has {len(old_shapes) if isinstance(old_shapes, list) else '?'} "
                                f"groups, the partitions {groups}")
-    elastic = isinstance(osds[0]["base_optimizer_state"], list)
+    elastic = isinstance(osds[0].get("base_optimizer_state"), list)
     new_osds = [{**o, "single_partition_of_fp32_groups": list(o["single_partition_of_fp32_groups"]),
                  "group_paddings": list(o.get("group_paddings", [0] * groups))} for o in osds]
     for o in new_osds:
-        base = o["base_optimizer_state"]
-        o["base_optimizer_state"] = ([dict(g) for g in base] if elastic else
-                                     {**base, "state": {k: dict(v) for k, v in base["state"].items()}})
+        base = o.get("base_optimizer_state")
+        if base is not None:
+            o["base_optimizer_state"] = ([dict(g) for g in base] if elastic else
+                                         {**base, "state": {k: dict(v) for k, v in base["state"].items()}})
         if "param_slice_mappings" in o:
             o["param_slice_mappings"] = list(o["param_slice_mappings"])
     for g in range(groups):
@@ -198,10 +202,11 @@ def remap_partitions(folder: Path, out_folder: Path, old_shapes: list, new_shape
         for r, o in enumerate(new_osds):
             o["single_partition_of_fp32_groups"][g] = parts[r]
             o["group_paddings"][g] = pad if r == world - 1 else 0
-            base = o["base_optimizer_state"]
-            st = base[g] if elastic else base["state"].setdefault(base["param_groups"][g]["params"][0], {})
-            for key, ps in new_moments.items():
-                st[key] = ps[r]
+            base = o.get("base_optimizer_state")
+            if base is not None:
+                st = base[g] if elastic else base["state"].setdefault(base["param_groups"][g]["params"][0], {})
+                for key, ps in new_moments.items():
+                    st[key] = ps[r]
             if "param_slice_mappings" in o and g < len(o["param_slice_mappings"]):
                 o["param_slice_mappings"][g] = _slice_mappings(o["param_slice_mappings"][g], nshapes, r, size)
     written = []

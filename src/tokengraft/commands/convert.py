@@ -17,7 +17,9 @@ not understand is an error, never silently loaded or dropped.
 
 CHECKPOINT may be a Hugging Face folder (single or sharded safetensors, .bin), a single
 .safetensors/.bin/.pt/.pth file, an XTuner/mmengine iter_N.pth file, an XTuner DeepSpeed folder
-(mp_rank_00_model_states.pt; ZeRO-3 needs `pip install deepspeed`) or a PEFT adapter folder.
+(mp_rank_00_model_states.pt; its ZeRO-1/2 optimizer partitions are remapped exactly for the same
+world size, ZeRO-3 and tensor-parallel partitions are dropped with a note, and ZeRO-3 weights need
+`pip install deepspeed`) or a PEFT adapter folder.
 No code from a checkpoint ever runs (safetensors, or a restricted unpickler).
 
 The conversion streams: vocabulary-shaped tensors are read and written in row chunks, the other
