@@ -51,6 +51,7 @@ HELP = {  # config key -> (metavar, help)
     "progress": (None, "progress bar (default on)"),
     "tensorboard": (None, "also write TensorBoard events when tensorboard is installed (default on)"),
     "workers": ("N", "data-loader worker processes"),
+    "fsdp": (None, "shard the model with torch FSDP2 across torchrun processes (mode rows only)"),
 }
 
 EPILOG = """\
@@ -88,6 +89,7 @@ RUN FOLDER
 
 MANY PROCESSES
   torchrun --nproc_per_node 2 -m tokengraft train CONFIG.yaml   (gloo on CPU, NCCL on GPUs)
+  torchrun --nproc_per_node 2 -m tokengraft train CONFIG.yaml --fsdp   (FSDP2; mode rows only)
 
 EXAMPLES
   tokengraft train cfg.yaml

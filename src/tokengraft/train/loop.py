@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from ..graft import graft, parse_tokens
 from ..hf import image_token_id as image_token_id_of
@@ -31,7 +32,7 @@ from .metrics import (
     summarize,
     token_stats,
 )
-from .params import NewRows, param_groups, prepare
+from .params import NewRows, full, param_groups, prepare
 from .preflight import PreflightError, preflight, tokens_from_data
 from .resume import check_checkpoint, remap_moments
 from .run import RunInfo, last_checkpoint, resume_parts, save_parts
@@ -73,6 +74,21 @@ class GraftTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # our loss is a sum / global token count
         self._sums: dict | None = None
 
+    def create_accelerator_and_postprocess(self):
+        """accelerate turns FSDP on for GPU-like devices only; on CPU (gloo) it would silently train
+        with DDP instead, so --fsdp switches its state to FSDP2 itself (the same plugin the Trainer built)."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            state = self.accelerator.state
+            if state.distributed_type != DistributedType.MULTI_CPU:
+                raise TrainError(f"--fsdp: accelerate did not enable FSDP on {state.distributed_type}; "
+                                 f"train without --fsdp")
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         out = model(**inputs)
@@ -96,6 +112,7 @@ class GraftTrainer(Trainer):
                 sums = dict(zip(sorted(sums), vec))
             logs.update(summarize(sums))
             logs.update(row_norms(self.parts.base, self.parts.rows, self.parts.base_rows))
+            logs.update(peak_memory())
             self._sums = None
         super().log(logs, start_time)
 
@@ -110,18 +127,66 @@ class GraftTrainer(Trainer):
         return self.optimizer
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """The run's trained parts instead of a full model (checkpoints call this too)."""
+        """The run's trained parts instead of a full model (checkpoints call this too). Under FSDP
+        every rank gathers the sharded rows (a collective) and rank 0 alone writes."""
+        p = self.parts
+        rows = p.rows.effective(p.base) if p.config.fsdp else None
         if self.args.should_save:
-            p = self.parts
             save_parts(output_dir or self.args.output_dir, self.model, p.base, p.rows, p.info, p.manifest,
-                       p.tokenizer, p.processor)
+                       p.tokenizer, p.processor, rows=rows)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """Under FSDP: the optimizer state gathered into the single-process ``optimizer.pt`` format
+        (parameter indices, whole tensors), so an FSDP checkpoint resumes under FSDP and in one
+        process alike; transformers' own FSDP save would also write the whole model."""
+        if not self.parts.config.fsdp:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        sd = self.optimizer.state_dict()
+        state = {i: {k: full(v).detach().cpu() if torch.is_tensor(v) else v for k, v in sd["state"][i].items()}
+                 for i in sorted(sd["state"])}
+        if self.args.should_save:
+            torch.save({"state": state, "param_groups": sd["param_groups"]}, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Under FSDP: read the whole-tensor ``optimizer.pt`` and shard each moment like its parameter."""
+        if not self.parts.config.fsdp or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        sd = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
+        params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        for i, st in sd["state"].items():
+            q = params[int(i)]
+            for k, v in st.items():
+                if isinstance(q, DTensor) and torch.is_tensor(v) and v.shape == q.shape:
+                    st[k] = distribute_tensor(v.to(q.dtype), q.device_mesh, q.placements)
+        self.optimizer.load_state_dict(sd)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     # Kept private on purpose: transformers has no public hook for loading a checkpoint's weights, and
     # its default looks for a full model (or a bare PEFT adapter) in the folder, while ours holds only
     # the trained parts, possibly for another token set (remapped by identity in resume_parts).
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         p = self.parts
+        if p.config.fsdp:
+            return  # loaded into the unsharded model before training (see train())
         p.remap = resume_parts(resume_from_checkpoint, self.model, p.base, p.rows, p.info, log=p.log)
+
+
+def peak_memory() -> dict:
+    """Peak memory of every process (MB): CUDA allocations on GPUs, else the process's peak RSS."""
+    import resource
+
+    if torch.cuda.is_available():
+        mine = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+    vec = torch.zeros(_world(), dtype=torch.float64)
+    vec[_rank()] = mine
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(vec)
+    return {f"peak_mem_mb_rank{r}": round(float(v), 1) for r, v in enumerate(vec)}
 
 
 class RemapMoments(TrainerCallback):
@@ -204,6 +269,17 @@ def _resume_folder(cfg: TrainConfig) -> Path | None:
     return ckpt
 
 
+def fsdp_args(cfg: TrainConfig) -> dict:
+    """TrainingArguments for FSDP2: each decoder layer and the root are sharded (the root holds the
+    embedding, head and the new-row deltas, so FSDP reduces their gradients like any other)."""
+    if not cfg.fsdp:
+        return {}
+    if _world() < 2:
+        raise TrainError("--fsdp shards across processes: start with torchrun --nproc_per_node N (N >= 2)")
+    return {"fsdp": True, "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT",
+                                          "reshard_after_forward": True}}
+
+
 def _steps_done(ckpt: Path | None) -> int:
     if ckpt is None:
         return 0
@@ -221,6 +297,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     log = log or (print if rank0 else (lambda *a, **k: None))
     run_dir = Path(cfg.output_dir)
     ckpt = _resume_folder(cfg)
+    fsdp_args(cfg)  # refuse --fsdp outside torchrun before anything is written
     if not cfg.preflight_only:
         prepare_run_folder(cfg, resuming=ckpt is not None, clear=False)  # refuse early; changes nothing
 
@@ -286,10 +363,13 @@ def train(cfg: TrainConfig, log=None) -> Path:
         data_seed=cfg.seed, report_to="none", use_cpu=cpu, ddp_backend="gloo" if cpu and _world() > 1 else None,
         dataloader_num_workers=cfg.workers, remove_unused_columns=False, label_names=["labels"],
         disable_tqdm=not (cfg.progress and rank0), bf16=cfg.bf16, ddp_find_unused_parameters=False,
-        logging_first_step=True)
+        logging_first_step=True, **fsdp_args(cfg))
     render = renderer(tok, cfg.template)
     eval_fn = None
-    if eval_records:
+    if eval_records and cfg.fsdp:
+        log("--fsdp: generation eval skipped (one process cannot run a sharded model alone); evaluate the "
+            "run folder afterwards, e.g. load it with tokengraft.train.run.load_run")
+    elif eval_records:
         def eval_fn():
             return generation_eval(plan.model, tok, proc, eval_records, render, new_ids, image_folder=cfg.image_folder,
                                    image_token_id=img_id, n_image_tokens=n_img, max_new_tokens=cfg.eval_max_new_tokens)
@@ -303,6 +383,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
     trainer = GraftTrainer(model=plan.model, args=args, train_dataset=ds, data_collator=Collator(pad),
                            callbacks=callbacks, parts=parts)
     done = _steps_done(ckpt)
+    if cfg.fsdp and ckpt is not None and done < cfg.max_steps:
+        # the trained parts go into the model before FSDP shards it (the Trainer loads them after)
+        parts.remap = resume_parts(ckpt, plan.model, model, plan.rows, info, log=log)
     if ckpt is not None and done >= cfg.max_steps:
         # transformers would still take one more step here; there is nothing left to train
         log(f"resume: {ckpt.name} is at step {done} >= max_steps {cfg.max_steps}; nothing to train, "
@@ -310,6 +393,10 @@ def train(cfg: TrainConfig, log=None) -> Path:
         parts.remap = resume_parts(ckpt, plan.model, model, plan.rows, info, log=log)
     else:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if cfg.fsdp:
+        from torch.distributed.fsdp import FSDPModule
+
+        log(f"fsdp: {sum(isinstance(m, FSDPModule) for m in plan.model.modules())} FSDP2-sharded modules")
     trainer.save_model(str(run_dir))
     if rank0:
         plot(run_dir)

@@ -47,8 +47,10 @@ def summarize(sums: dict) -> dict:
 def row_norms(model, rows_mod, base_rows: int) -> dict:
     """Mean L2 norm of the new (effective, input-side) rows vs the base rows: new rows that grow far
     beyond the base norm dominate the softmax; rows that stay at the mean have not learned."""
+    from .params import full
+
     eff = rows_mod.effective(model)["embed"]
-    w = model.get_input_embeddings().weight[:base_rows].float()
+    w = full(model.get_input_embeddings().weight)[:base_rows].float()
     return {"new_row_norm": float(eff.norm(dim=1).mean()), "base_row_norm": float(w.norm(dim=1).mean())}
 
 

@@ -79,11 +79,11 @@ class NewRows(nn.Module):
     @torch.no_grad()
     def effective(self, model) -> dict[str, torch.Tensor]:
         """The new rows as the model now sees them: ``embed`` and (untied) ``head``."""
-        w_in = model.get_input_embeddings().weight
-        out = {"embed": (w_in[self.ids].float() + self.embed.float())}
+        w_in = full(model.get_input_embeddings().weight)
+        out = {"embed": (w_in[self.ids].float() + full(self.embed).float())}
         if not self.tied:
-            w_out = model.get_output_embeddings().weight
-            out["head"] = w_out[self.ids].float() + self.head.float()
+            w_out = full(model.get_output_embeddings().weight)
+            out["head"] = w_out[self.ids].float() + full(self.head).float()
         return out
 
     @torch.no_grad()
@@ -113,6 +113,11 @@ def _is_vision(name: str) -> bool:
 
 def _is_projector(name: str) -> bool:
     return "multi_modal_projector" in name
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter FSDP2 sharded (a DTensor); a collective: every rank calls it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 @dataclass

@@ -142,8 +142,11 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest, tokenizer, processor=None) -> None:
-    """Write the trained parts of ``model`` (``base``: the un-PEFT'd transformers model) to ``folder``."""
+def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest, tokenizer, processor=None,
+               rows: dict | None = None) -> None:
+    """Write the trained parts of ``model`` (``base``: the un-PEFT'd transformers model) to ``folder``.
+    ``rows``: the effective rows when already gathered (FSDP: every rank gathers, rank 0 writes)."""
+    rows = rows if rows is not None else rows_mod.effective(base)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     info.save(folder)
@@ -151,7 +154,7 @@ def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest,
     if processor is not None:
         processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    save_rows(folder, info.new_tokens, rows_mod.effective(base), info.tied)
+    save_rows(folder, info.new_tokens, rows, info.tied)
     if info.mode == "full":
         save_file(trained_state(base), str(folder / FULL_FILE), metadata={"format": "pt"})
     elif info.train_projector:
@@ -159,7 +162,7 @@ def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest,
                 if "multi_modal_projector" in n}
         save_file(proj, str(folder / PROJECTOR_FILE), metadata={"format": "pt"})
     if info.mode == "lora":
-        save_adapter(folder, model, base, rows_mod.ids.tolist(), rows_mod.effective(base), info.tied, manifest,
+        save_adapter(folder, model, base, rows_mod.ids.tolist(), rows, info.tied, manifest,
                      info.base_model, info.tokens)
 
 

@@ -1,0 +1,175 @@
+"""FSDP2 (`--fsdp`) training of new rows: real torchrun subprocesses, gloo on CPU, tiny Llama models
+with the real SmolLM2 tokenizer. Two FSDP processes at batch 2 equal one process at batch 4; FSDP
+checkpoints resume under FSDP and in one process; an FSDP run exports; lora/full refuse --fsdp."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_llama
+
+pytestmark = pytest.mark.slow
+# gloo sums gradients in another order than one process: float noise, amplified a little by Adam's
+# normalization; rows that learned differently would differ by ~lr = 2e-2 per step
+ATOL = 1e-4
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def assets(smollm2_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("fsdp")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    for tied in (True, False):
+        d = root / ("tied" if tied else "untied")
+        tiny_llama(tok, tied=tied).save_pretrained(d)
+        tok.save_pretrained(d)
+    recs = [{"id": str(i), "conversations": [{"from": "human", "value": f"Where is item {i}?"},
+             {"from": "gpt", "value": f"It is at <loc_{i % 4}><loc_{(3 * i) % 4}> near the door."}]}
+            for i in range(16)]
+    (root / "train.json").write_text(json.dumps(recs))
+    return root
+
+
+def cfg(assets, model, out, **kw):
+    d = dict(model=str(assets / model), data=str(assets / "train.json"), tokens="<loc_0>,<loc_1>,<loc_2>,<loc_3>",
+             init="mean", template="chatml", output_dir=str(out), batch_size=4, max_steps=3, save_steps=2, lr=2e-2,
+             logging_steps=1, progress=False, tensorboard=False, max_length=64)
+    d.update(kw)
+    return d
+
+
+def single(c):
+    from tokengraft.train.config import TrainConfig
+    from tokengraft.train.loop import train
+
+    return train(TrainConfig(**c))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(c, tmp_path, *flags, check=True):
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(c))
+    exe = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(exe), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(free_port()), "-m", "tokengraft", "train", str(tmp_path / "cfg.yaml"), *flags],
+                          env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def rows(run):
+    return load_file(str(Path(run) / "new_rows.safetensors"))
+
+
+def close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=ATOL), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def one_untied(assets, tmp_path_factory):
+    return single(cfg(assets, "untied", tmp_path_factory.mktemp("one") / "run"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_untied(assets, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_untied")
+    proc = torchrun(cfg(assets, "untied", tmp / "run", batch_size=2), tmp, "--fsdp")
+    assert "FSDP2-sharded modules" in proc.stdout and " 0 FSDP2" not in proc.stdout, proc.stdout[-2000:]
+    return tmp / "run"
+
+
+def test_fsdp_rows_untied_equal_one_process(one_untied, fsdp_untied):
+    a, b = rows(one_untied), rows(fsdp_untied)
+    close(a, b)
+    assert set(a) == {"embed", "head"}
+    fresh = rows(one_untied / "checkpoint-2")
+    assert (a["embed"] - fresh["embed"]).abs().max() > 1e-3  # step 3 moved the rows well beyond ATOL
+    # the checkpoint holds the rows and a whole-tensor optimizer state, never the full model
+    ck = fsdp_untied / "checkpoint-2"
+    assert (ck / "optimizer.pt").is_file() and not list(ck.glob("pytorch_model_fsdp*"))
+    m = [json.loads(x) for x in (fsdp_untied / "metrics.jsonl").read_text().splitlines()]
+    peaks = [r for r in m if "peak_mem_mb_rank1" in r]
+    assert peaks and all(r["peak_mem_mb_rank0"] > 0 and r["peak_mem_mb_rank1"] > 0 for r in peaks)
+
+
+def test_fsdp_rows_tied_equal_one_process(assets, tmp_path):
+    one = single(cfg(assets, "tied", tmp_path / "one"))
+    torchrun(cfg(assets, "tied", tmp_path / "two", batch_size=2), tmp_path, "--fsdp")
+    a, b = rows(one), rows(tmp_path / "two")
+    assert set(a) == {"embed"}
+    close(a, b)
+
+
+def test_fsdp_checkpoint_resumes_under_fsdp_and_in_one_process(assets, one_untied, fsdp_untied, tmp_path):
+    # under FSDP: stop after 2 steps, resume to 3
+    c = cfg(assets, "untied", tmp_path / "cut", batch_size=2)
+    torchrun(c, tmp_path, "--fsdp", "--stop-after", "2")
+    assert not (tmp_path / "cut" / "checkpoint-3").exists()
+    torchrun(c, tmp_path, "--fsdp", "--resume")
+    close(rows(tmp_path / "cut"), rows(one_untied))
+    # in one process, from the FSDP run's checkpoint-2 (whole-tensor optimizer state)
+    moved = tmp_path / "moved"
+    shutil.copytree(fsdp_untied / "checkpoint-2", moved / "checkpoint-2")
+    shutil.copy(fsdp_untied / "run.json", moved / "run.json")
+    single(cfg(assets, "untied", moved, resume=True))
+    close(rows(moved), rows(one_untied))
+
+
+def test_export_of_an_fsdp_run(fsdp_untied, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "tokengraft", "export", str(fsdp_untied), "-o", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.convert_tokens_to_ids(["<loc_0>", "<loc_1>", "<loc_2>", "<loc_3>"])
+    r = rows(fsdp_untied)
+    assert torch.allclose(model.get_input_embeddings().weight[ids], r["embed"], atol=1e-6)
+    assert torch.allclose(model.get_output_embeddings().weight[ids], r["head"], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fsdp_refuses_modes_it_does_not_support(assets, tmp_path, mode):
+    proc = subprocess.run([sys.executable, "-m", "tokengraft", "train", "--model", str(assets / "untied"), "--data",
+                           str(assets / "train.json"), "--tokens", "<loc_0>", "--output-dir", str(tmp_path / "r"),
+                           "--mode", mode, "--fsdp"], env=ENV, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--fsdp supports mode rows only" in lines[0], proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_fsdp_outside_torchrun_is_refused(assets, tmp_path):
+    from tokengraft.train.config import TrainError
+
+    with pytest.raises(TrainError, match="torchrun"):
+        single(cfg(assets, "untied", tmp_path / "r", fsdp=True))
+    assert not (tmp_path / "r").exists()
+
+
+def test_deepspeed_zero3_is_documented_not_run():
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed; ZeRO-3 is not wired or tested yet "
+                                             "(docs/train.md, Many devices)")
+    pytest.skip("ZeRO-3 training is not wired into tokengraft train yet (docs/train.md, Many devices)")
