@@ -20,7 +20,7 @@ def register(sub, name):
                     "  5. evaluate on held-out images (exact match, per-token accuracy, box IoU), plot the\n"
                     "     new-token curves and draw predicted boxes\n"
                     "  6. export and verify a full checkpoint, reload it with plain transformers, answer\n"
-                    "The defaults finish in about 3 minutes on 2 idle CPU cores (bench/RESULTS.md, demo).",
+                    "Timings and held-out figures of the defaults: bench/RESULTS.md, section demo.",
         epilog="outputs (under OUT): llava/ llava-box/ data/ run/ (metrics.jsonl, curves PNG) export/\n"
                "predictions.png summary.json. An earlier demo folder is replaced; any other existing\n"
                "folder is refused.\n\nexample:\n  tokengraft demo -o demo-out --steps 200")
