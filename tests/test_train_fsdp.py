@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import tiny_llama
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 # gloo sums gradients in another order than one process: float noise, amplified a little by Adam's
@@ -43,9 +42,10 @@ def assets(smollm2_dir, tmp_path_factory):
 
 
 def cfg(assets, model, out, **kw):
-    d = dict(model=str(assets / model), data=str(assets / "train.json"), tokens="<loc_0>,<loc_1>,<loc_2>,<loc_3>",
-             init="mean", template="chatml", output_dir=str(out), batch_size=4, max_steps=3, save_steps=2, lr=2e-2,
-             logging_steps=1, progress=False, tensorboard=False, max_length=64)
+    d = {"model": str(assets / model), "data": str(assets / "train.json"), "init": "mean",
+         "tokens": "<loc_0>,<loc_1>,<loc_2>,<loc_3>", "template": "chatml", "output_dir": str(out),
+         "batch_size": 4, "max_steps": 3, "save_steps": 2, "lr": 2e-2, "logging_steps": 1, "progress": False,
+         "tensorboard": False, "max_length": 64}
     d.update(kw)
     return d
 
@@ -168,8 +168,3 @@ def test_fsdp_outside_torchrun_is_refused(assets, tmp_path):
         single(cfg(assets, "untied", tmp_path / "r", fsdp=True))
     assert not (tmp_path / "r").exists()
 
-
-def test_deepspeed_zero3_is_documented_not_run():
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed; ZeRO-3 is not wired or tested yet "
-                                             "(docs/train.md, Many devices)")
-    pytest.skip("ZeRO-3 training is not wired into tokengraft train yet (docs/train.md, Many devices)")
