@@ -163,3 +163,60 @@ def test_a_separate_adapter_on_internlm2_is_one_line(parts, tmp_path):
         import_xtuner(tmp_path / "p.pth", tmp_path / "out", llm=parts["llm"], visual_encoder=parts["clip_dir"],
                       llm_adapter=tmp_path / "adapter", log=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_folder_lora_needs_alpha(parts, tmp_path):
+    """XTuner's DeepSpeed folder (mp_rank_00_model_states.pt, no config text) of a LoRA run on InternLM2."""
+    from tokengraft.checkpoint.errors import XTunerError
+    from tokengraft.xtuner import import_xtuner
+
+    llm = parts["llm"]
+    base = _packed(llm)
+    g = torch.Generator().manual_seed(13)
+    lora, merged = {}, dict(base)
+    for mod in ("model.layers.0.attention.wqkv", "model.layers.0.feed_forward.w2"):
+        w = base[f"{mod}.weight"]
+        a, b = 0.05 * torch.randn(2, w.shape[1], generator=g), 0.05 * torch.randn(w.shape[0], 2, generator=g)
+        lora[f"llm.base_model.model.{mod}.lora_A.default.weight"] = a
+        lora[f"llm.base_model.model.{mod}.lora_B.default.weight"] = b
+        merged[f"{mod}.weight"] = w + (4 / 2) * (b @ a)
+    folder = tmp_path / "iter_10.pth"
+    folder.mkdir()
+    module = {**lora, **{f"projector.model.{k}": v.clone() for k, v in parts["proj"].state_dict().items()}}
+    torch.save({"module": module, "ds_version": "0.14.0", "global_steps": 10}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(XTunerError, match="lora-alpha"):
+        import_xtuner(folder, tmp_path / "out", llm=llm, visual_encoder=parts["clip_dir"], log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
+    rep = import_xtuner(folder, tmp_path / "out", llm=llm, visual_encoder=parts["clip_dir"], lora_alpha=4,
+                        log=lambda *a: None)
+    assert "2 module(s)" in rep.merged_lora[0] and not marker_path(llm).exists()
+    _compare(tmp_path / "out", llm, merged, parts, parts["clip"], with_tokens=False, cols=N_BASE)
+
+
+def test_split_export_with_internlm2_llm_folder_via_cli(parts, tmp_path):
+    """`pth_to_hf --save-format xtuner`: llm/ (a fine-tuned InternLM2 folder, remote-code files and all),
+    projector/, visual_encoder/; through the real command line."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    split = tmp_path / "hf"
+    shutil.copytree(parts["llm"], split / "llm")  # its planted .py files report to parts["llm"]'s marker
+    packed = _packed(parts["llm"])
+    g = torch.Generator().manual_seed(14)
+    packed = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in packed.items()}
+    save_file({k: v.contiguous() for k, v in packed.items()}, str(split / "llm" / "model.safetensors"))
+    (split / "projector").mkdir()
+    save_file({f"model.{k}": v.contiguous() for k, v in parts["proj"].state_dict().items()},
+              str(split / "projector" / "model.safetensors"))
+    shutil.copytree(parts["clip_dir"], split / "visual_encoder")
+
+    r = subprocess.run([sys.executable, "-m", "tokengraft", "import-xtuner", str(split), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "InternLM2" in r.stdout + r.stderr and not marker_path(parts["llm"]).exists()
+    _compare(tmp_path / "out", split / "llm", packed, parts, parts["clip"], with_tokens=False, cols=N_BASE)
+    man = json.loads((tmp_path / "out" / "tokengraft.json").read_text())
+    assert man["history"][-1]["source_arch"] == "internlm2"
