@@ -68,8 +68,8 @@ def parse_tokens(tokens=None, tokens_file: str | None = None) -> list[TokenSpec]
         method = spec.init.split(":", 1)[0]
         if method not in I.FOR_GRAFT:
             raise GraftError(f"token {spec.content!r}: init {spec.init!r} is not one of {I.FOR_GRAFT} (copy as copy:TOKEN)")
-        if method == "describe" and not spec.description:
-            raise GraftError(f"token {spec.content!r}: init 'describe' needs a description in the tokens file")
+        if method in ("describe", "distill") and not spec.description:
+            raise GraftError(f"token {spec.content!r}: init '{method}' needs a description in the tokens file")
         specs.append(spec)
     seen = set()
     for s in specs:
@@ -132,8 +132,9 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
                          "was it edited by hand? run `tokengraft doctor` on the folder")
 
     already = [s.content for s in specs if manifest.token(s.content)]
-    in_vocab = {s.content: tokenizer.convert_tokens_to_ids(s.content) for s in specs
-                if s.content not in already and s.content in tokenizer.get_vocab()}
+    base_vocab = tokenizer.get_vocab()  # once: get_vocab() builds a fresh dict on every call
+    in_vocab = {s.content: base_vocab[s.content] for s in specs
+                if s.content not in already and s.content in base_vocab}
     todo = [s for s in specs if s.content not in already and s.content not in in_vocab]
     if already:
         log(f"already grafted (no-op): {', '.join(already)}")
@@ -143,12 +144,15 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
         manifest.vocab_fingerprint = fingerprint(vocab_before)
         return manifest
 
-    for s in todo:  # one at a time: ids follow the user's order, special or not
-        add_token(tokenizer, s.content, s.special)
+    # One call per run of equally-special tokens (usually one call in all): each call rebuilds the
+    # tokenizer's added-token matcher, so adding 10,000 tokens one at a time is quadratic.
+    # Ids still follow the user's order.
+    for start, end in _runs([s.special for s in todo]):
+        add_tokens(tokenizer, [s.content for s in todo[start:end]], todo[start].special)
     vocab_after = vocab_of(tokenizer)
     ids = {s.content: tokenizer.convert_tokens_to_ids(s.content) for s in todo}
-    for s in todo:
-        got = tokenizer(f"a{s.content}b {s.content}", add_special_tokens=False)["input_ids"]
+    texts = [f"a{s.content}b {s.content}" for s in todo]
+    for s, got in zip(todo, _encode_many(tokenizer, texts)):
         if got.count(ids[s.content]) != 2:
             raise GraftError(f"token {s.content!r} does not encode to its own id {ids[s.content]} in running text")
 
@@ -189,23 +193,46 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
     return manifest
 
 
+def _runs(flags: list) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal consecutive values."""
+    out, start = [], 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            out.append((start, i))
+            start = i
+    return out
+
+
+def _encode_many(tokenizer, texts: list[str], batch: int = 2048) -> list[list[int]]:
+    """input_ids of many texts, in batches (a fast tokenizer encodes a batch in one call)."""
+    out = []
+    for i in range(0, len(texts), batch):
+        out += tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]
+    return out
+
+
 def add_token(tokenizer, content: str, special: bool) -> None:
-    """Add one token the way transformers registers it: a special token through
+    """Add one token (see :func:`add_tokens`)."""
+    add_tokens(tokenizer, [content], special)
+
+
+def add_tokens(tokenizer, contents: list[str], special: bool) -> None:
+    """Add tokens, in order, the way transformers registers them: special tokens through
     ``add_special_tokens`` (so it is in ``all_special_tokens`` / ``all_special_ids``, dropped by
     ``skip_special_tokens=True``, and saved under ``extra_special_tokens`` in tokenizer_config.json,
     keeping the tokens already there); a non-special one as a plain added token."""
     from transformers import AddedToken as HFAddedToken
 
-    tok = HFAddedToken(content, special=special, normalized=False)
+    toks = [HFAddedToken(c, special=special, normalized=False) for c in contents]
     if not special:
-        tokenizer.add_tokens([tok])
+        tokenizer.add_tokens(toks)
         return
     params = getattr(tokenizer.add_special_tokens, "__code__", None)
     names = params.co_varnames if params else ()
     if "replace_extra_special_tokens" in names:  # transformers 5
-        tokenizer.add_special_tokens({"extra_special_tokens": [tok]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens({"extra_special_tokens": toks}, replace_extra_special_tokens=False)
     else:  # transformers 4 spelled it "additional"
-        tokenizer.add_special_tokens({"additional_special_tokens": [tok]}, replace_additional_special_tokens=False)
+        tokenizer.add_special_tokens({"additional_special_tokens": toks}, replace_additional_special_tokens=False)
 
 
 @torch.no_grad()
@@ -233,21 +260,25 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
             if head is not None:
                 head[r] = quiet.to(head.dtype)
 
+    # The base pieces of every token's words (or description), encoded in one batched call:
+    # one tokenizer call per token dominates the time at thousands of tokens.
+    wants_text = [s for s in todo if s.init.split(":", 1)[0] in ("auto", "subword", "describe", "distill")]
+    texts = [s.description if (s.init.startswith("describe") or s.description) else I.markup_words(s.content)
+             for s in wants_text]
+    pieces_of = {s.content: [p for p in got if p < n_base]
+                 for s, got in zip(wants_text, _encode_many(tokenizer, texts))}
+
     def semantic(weight, spec, fallback):
         method, _, arg = spec.init.partition(":")
         if method == "copy":
             src = tokenizer.convert_tokens_to_ids(arg)
-            if arg not in tokenizer.get_vocab() or src >= n_base:
+            if not isinstance(src, int) or not 0 <= src < n_base or vocab_before[src] != arg:
                 raise GraftError(f"token {spec.content!r}: copy source {arg!r} is not in the base vocabulary")
             return I.copy_row(weight, src)
-        if method == "describe" or (method == "auto" and spec.description):
-            text = spec.description
-        else:
-            text = I.markup_words(spec.content)
-        pieces = [p for p in tokenizer(text, add_special_tokens=False)["input_ids"] if p < n_base]
-        return I.subword_row(weight, pieces, fallback)
+        return I.subword_row(weight, pieces_of[spec.content], fallback)
 
-    blend_for_tied = []
+    blend_for_tied, distilled = [], []
+    new_in, new_out, where = [], [], []
     for s in todo:
         r = ids[s.content]
         method = s.init.split(":", 1)[0]
@@ -257,6 +288,11 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
             vin = I.hewitt_rows(emb, in_mask, 1, generator=gen)[0]
             vout = I.hewitt_rows(head, I.trained_mask(head, n_base), 1, generator=gen)[0] if head is not None else vin
             name = "hewitt"
+        elif method == "distill":  # distill (tokengraft.distill): input fitted below; output as auto
+            vin, vout, name = semantic(emb, s, in_mean), out_mean, "distill/mean"
+            distilled.append((s, r))
+            if tied:
+                blend_for_tied.append((s, r, None))
         elif method == "auto":
             # input side semantic; output side invisible (the mean) until training moves it.
             # Tied: one row serves both, blended below as far as the KL budget allows.
@@ -269,30 +305,65 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
             vout = semantic(head, s, out_mean) if head is not None else vin
             name = s.init
         s._resolved = name
-        emb[r] = vin.to(emb.dtype)
-        if head is not None:
-            head[r] = vout.to(head.dtype)
+        new_in.append(vin)
+        new_out.append(vout)
+        where.append(r)
+    # one indexed write per side (row-by-row writes into a 50k x H matrix add up at k = 10,000)
+    idx = torch.tensor(where, dtype=torch.long)
+    emb[idx] = torch.stack(new_in).to(emb.dtype)
+    if head is not None:
+        head[idx] = torch.stack(new_out).to(head.dtype)
+    if distilled:  # distill: fit the input rows with the model (output rows untouched, see above)
+        from .distill import fit_rows
+        with torch.enable_grad():
+            fitted = fit_rows(model, tokenizer, [r for _, r in distilled], [s.description for s, _ in distilled],
+                              n_base=n_base)
+        emb[torch.tensor([r for _, r in distilled])] = fitted.to(emb.dtype)
+        by_row = dict(zip([r for _, r in distilled], fitted))
+        blend_for_tied = [(s, r, by_row[r] if v is None else v) for s, r, v in blend_for_tied]
 
     if blend_for_tied:
         if not probe.available:
             raise GraftError("tied head: cannot run the model on probe text to calibrate `auto`; "
                              "use --init mean or --init subword")
-        rows = torch.stack([v for _, _, v in blend_for_tied])
-        blended = {r for _, r, _ in blend_for_tied}
-        # what every other row beyond the base vocabulary costs (earlier tokens, padding rows)
-        fixed = probe.kl([r for r in range(n_base, emb.shape[0]) if r not in blended])
-        a, kl = I.calibrate_blend(probe.hidden, probe.lse, rows, in_mean.expand_as(rows),
-                                  max(kl_budget - fixed, 0.0))
-        for s, r, v in blend_for_tied:
-            emb[r] = (in_mean + a * (v - in_mean)).to(emb.dtype)
-            s._resolved = f"{s._resolved.split('/')[0]}*{a:.3g}+mean"
-        log(f"tied head: semantic rows blended {a:.3g} of the way from the mean; "
-            f"KL on real text {kl + fixed:.2e} nats/token (budget {kl_budget:.0e})")
-        if kl + fixed > kl_budget:  # even plain mean rows are visible: many tokens on a tied head
-            logger.warning(f"warning: the {len(rows)} new tied rows cost {kl + fixed:.2e} nats/token on real "
-                           f"text, {(kl + fixed) / kl_budget:.0f}x the budget {kl_budget:.0e}, even as mean "
-                           f"rows; the model will predict them where they do not belong until trained "
-                           f"(train on data that uses them, or add fewer tokens at a time)")
+        _calibrate_tied(emb, probe, blend_for_tied, in_mean, n_base, kl_budget, log)
+
+
+def _calibrate_tied(emb, probe, blend_for_tied, in_mean, n_base, kl_budget, log):
+    """Tied head, ``auto``: one joint calibration over all k new rows.
+
+    The budget bounds the TOTAL KL the k rows cost together (so the total new-token probability
+    mass, about KL, stays bounded as k grows). Step 1: if k mean rows already exceed it (mean rows
+    cost about k x one row's mass), the shared invisible reference moves from the mean toward the
+    quietest base output row (:meth:`_Probe.quietest_row`, ~1000x quieter), only as far as needed.
+    Step 2: every semantic row is blended from that reference by the same factor ``a``, the
+    largest the remaining budget allows."""
+    rows = torch.stack([v for _, _, v in blend_for_tied])
+    blended = {r for _, r, _ in blend_for_tied}
+    idx = torch.tensor([r for _, r, _ in blend_for_tied], dtype=torch.long)
+    # what every other row beyond the base vocabulary costs (earlier tokens, padding rows)
+    fixed = probe.kl([r for r in range(n_base, emb.shape[0]) if r not in blended])
+    budget = max(kl_budget - fixed, 0.0)
+    ref, moved = in_mean, 0.0
+    k = len(rows)
+    if float(I.kl_of_added(probe.hidden, probe.lse, in_mean.expand(k, -1)).mean()) > budget:
+        quiet = probe.quietest_row()
+        # largest step from `quiet` back toward the mean that still fits the budget
+        back, _ = I.calibrate_blend(probe.hidden, probe.lse, in_mean.expand(k, -1), quiet.expand(k, -1), budget)
+        ref = quiet + back * (in_mean - quiet)
+        moved = 1.0 - back
+    a, kl = I.calibrate_blend(probe.hidden, probe.lse, rows, ref.expand_as(rows), budget)
+    emb[idx] = (ref + a * (rows - ref)).to(emb.dtype)
+    for s, _, _ in blend_for_tied:
+        s._resolved = f"{s._resolved.split('/')[0]}*{a:.3g}+" + ("mean" if moved == 0 else f"quiet{moved:.3g}")
+    log(f"tied head: {k} semantic rows blended {a:.3g} of the way from "
+        + ("the mean" if moved == 0 else f"a reference moved {moved:.3g} of the way from the mean to the quietest base row")
+        + f"; KL on real text {kl + fixed:.2e} nats/token in total (budget {kl_budget:.0e})")
+    if kl + fixed > kl_budget:  # even the quietest reference is visible: very many tokens on a tied head
+        logger.warning(f"warning: the {k} new tied rows cost {kl + fixed:.2e} nats/token on real "
+                       f"text, {(kl + fixed) / kl_budget:.0f}x the budget {kl_budget:.0e}, even at the "
+                       f"quietest reference; the model will predict them where they do not belong until "
+                       f"trained (train on data that uses them, or add fewer tokens at a time)")
 
 
 class _Probe:
@@ -315,12 +386,16 @@ class _Probe:
         return self._hidden
 
     def quietest_row(self) -> torch.Tensor:
-        """The output row of the base token whose largest probability on the probe text is smallest."""
+        """The output row of the base token whose largest probability on the probe text is smallest
+        (computed once: it costs a pass over positions x vocabulary)."""
+        if getattr(self, "_quiet", None) is not None:
+            return self._quiet.clone()
         w = self.out_w[: self.rows_before].float()
         worst = torch.full((self.rows_before,), -float("inf"))
         for h, lse in zip(self.hidden.split(256), self.lse.split(256)):
             worst = torch.maximum(worst, (h @ w.T - lse[:, None]).max(0).values)
-        return w[int(worst.argmin())].clone()
+        self._quiet = w[int(worst.argmin())].clone()
+        return self._quiet.clone()
 
     def kl(self, rows: list[int]) -> float:
         """Mean KL(base vocabulary || base vocabulary + ``rows``) on the probe text."""
