@@ -145,7 +145,9 @@ class GraftTrainer(Trainer):
         state = {i: {k: full(v).detach().cpu() if torch.is_tensor(v) else v for k, v in sd["state"][i].items()}
                  for i in sorted(sd["state"])}
         if self.args.should_save:
-            torch.save({"state": state, "param_groups": sd["param_groups"]}, os.path.join(output_dir, OPTIMIZER_NAME))
+            tmp = os.path.join(output_dir, OPTIMIZER_NAME + ".tmp")
+            torch.save({"state": state, "param_groups": sd["param_groups"]}, tmp)
+            os.replace(tmp, os.path.join(output_dir, OPTIMIZER_NAME))
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint):

@@ -92,7 +92,9 @@ def save_rows(folder, tokens: list[str], rows: dict[str, torch.Tensor], tied: bo
     p = Path(folder) / ROWS_FILE
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in rows.items()}
     meta = {"tokens": json.dumps(tokens, ensure_ascii=False), "tied": json.dumps(tied), "format": "tokengraft-rows"}
-    save_file(tensors, str(p), metadata=meta)
+    tmp = p.with_name(p.name + ".tmp")  # whole or absent: a cut-off save never looks like trained rows
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, p)
     return p
 
 
