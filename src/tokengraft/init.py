@@ -14,7 +14,8 @@ import torch
 # distribution. A tied matrix is the head too: the output rule wins, unless the caller can run the
 # model to calibrate a blend towards the semantic row within a KL budget (graft can; convert,
 # with no model to run, keeps the mean).
-METHODS = ("auto", "mean", "hewitt", "subword", "describe", "copy", "zero")
+METHODS = ("auto", "mean", "hewitt", "subword", "describe", "copy", "zero", "distill")
+# distill: the input row fitted so the token acts like its description (tokengraft.distill, graft only)
 # graft: every method but "zero" (a zero head row is not invisible); copy is spelled copy:TOKEN
 FOR_GRAFT = tuple(m for m in METHODS if m != "zero")
 # checkpoint conversion: no descriptions and no per-token specs there; "zero" leaves LoRA deltas
