@@ -16,7 +16,8 @@ import torch
 from . import init as I
 from .hf import image_token_id, is_tied, rows_of, sync_config
 from .manifest import ROLES, AddedToken, Manifest
-from .vocab import fingerprint, vocab_of
+from .vocab import add_token, add_tokens, fingerprint, vocab_of  # noqa: F401  (add_token: public)
+from .vocab import encode_many as _encode_many, runs as _runs
 from .errors import TokengraftError
 
 logger = logging.getLogger("tokengraft")
@@ -191,48 +192,6 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
            if rows != rows_before else f"reused free padding rows, no resize ({rows} rows)")
     log(f"added {len(todo)} token(s) at ids {token_rows[0]}..{token_rows[-1]}; {how}")
     return manifest
-
-
-def _runs(flags: list) -> list[tuple[int, int]]:
-    """[start, end) of each run of equal consecutive values."""
-    out, start = [], 0
-    for i in range(1, len(flags) + 1):
-        if i == len(flags) or flags[i] != flags[start]:
-            out.append((start, i))
-            start = i
-    return out
-
-
-def _encode_many(tokenizer, texts: list[str], batch: int = 2048) -> list[list[int]]:
-    """input_ids of many texts, in batches (a fast tokenizer encodes a batch in one call)."""
-    out = []
-    for i in range(0, len(texts), batch):
-        out += tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]
-    return out
-
-
-def add_token(tokenizer, content: str, special: bool) -> None:
-    """Add one token (see :func:`add_tokens`)."""
-    add_tokens(tokenizer, [content], special)
-
-
-def add_tokens(tokenizer, contents: list[str], special: bool) -> None:
-    """Add tokens, in order, the way transformers registers them: special tokens through
-    ``add_special_tokens`` (so it is in ``all_special_tokens`` / ``all_special_ids``, dropped by
-    ``skip_special_tokens=True``, and saved under ``extra_special_tokens`` in tokenizer_config.json,
-    keeping the tokens already there); a non-special one as a plain added token."""
-    from transformers import AddedToken as HFAddedToken
-
-    toks = [HFAddedToken(c, special=special, normalized=False) for c in contents]
-    if not special:
-        tokenizer.add_tokens(toks)
-        return
-    params = getattr(tokenizer.add_special_tokens, "__code__", None)
-    names = params.co_varnames if params else ()
-    if "replace_extra_special_tokens" in names:  # transformers 5
-        tokenizer.add_special_tokens({"extra_special_tokens": toks}, replace_extra_special_tokens=False)
-    else:  # transformers 4 spelled it "additional"
-        tokenizer.add_special_tokens({"additional_special_tokens": toks}, replace_additional_special_tokens=False)
 
 
 @torch.no_grad()
