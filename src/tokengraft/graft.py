@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from . import init as I
+from .errors import TokengraftError
 from .hf import image_token_id, is_tied, rows_of, sync_config
 from .manifest import ROLES, AddedToken, Manifest
 from .vocab import add_token, add_tokens, fingerprint, vocab_of  # noqa: F401  (add_token: public)
-from .vocab import encode_many as _encode_many, runs as _runs
-from .errors import TokengraftError
+from .vocab import encode_many as _encode_many
+from .vocab import runs as _runs
 
 logger = logging.getLogger("tokengraft")
 KL_BUDGET = 5e-7  # nats per position the new rows may cost on real text (tied `auto`: spent on semantics)

@@ -193,7 +193,9 @@ def add_tokens(tokenizer, contents: list[str], special: bool) -> None:
     ``add_special_tokens`` (so it is in ``all_special_tokens`` / ``all_special_ids``, dropped by
     ``skip_special_tokens=True``, and saved under ``extra_special_tokens`` in tokenizer_config.json,
     keeping the tokens already there); a non-special one as a plain added token."""
-    from transformers import AddedToken as HFAddedToken  # lazily: this module needs torch only
+    from transformers import (
+        AddedToken as HFAddedToken,  # lazily: this module needs torch only
+    )
 
     toks = [HFAddedToken(c, special=special, normalized=False) for c in contents]
     if not special:
