@@ -63,9 +63,9 @@ def _teacher(model, emb, windows, pieces):
     for p in pieces:
         seqs = [c + p + x for c, x in windows]
         ids = torch.tensor(seqs, device=emb.device)
-        logits = model(inputs_embeds=emb[ids].float().to(emb.dtype)).logits.float()
-        at = len(windows[0][0]) + len(p) - 1  # the last description piece, then each x
-        out.append(torch.log_softmax(logits[:, at:at + FOLLOW_TOKENS + 1], dim=-1))
+        # the last description piece, then each x: the last FOLLOW+1 positions (head only there)
+        logits = model(inputs_embeds=emb[ids], logits_to_keep=FOLLOW_TOKENS + 1).logits.float()
+        out.append(torch.log_softmax(logits, dim=-1))
     return torch.stack(out)
 
 
@@ -78,9 +78,8 @@ def _student_logp(model, emb, windows, rows):
     e_x = emb[fol].detach().expand(k, -1, -1, -1)
     e_t = rows[:, None, None, :].expand(-1, n, 1, -1).to(emb.dtype)
     seq = torch.cat([e_c, e_t, e_x], dim=2).reshape(k * n, -1, emb.shape[1])
-    logits = model(inputs_embeds=seq).logits.float()
-    at = ctx.shape[1]
-    return torch.log_softmax(logits[:, at:at + FOLLOW_TOKENS + 1], dim=-1).reshape(k, n, FOLLOW_TOKENS + 1, -1)
+    logits = model(inputs_embeds=seq, logits_to_keep=FOLLOW_TOKENS + 1).logits.float()  # the token, then each x
+    return torch.log_softmax(logits, dim=-1).reshape(k, n, FOLLOW_TOKENS + 1, -1)
 
 
 def _kl(teacher, student):
