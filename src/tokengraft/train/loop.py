@@ -6,6 +6,7 @@ process runs the same function; transformers/accelerate handle the process group
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from ..graft import graft, parse_tokens
@@ -34,7 +35,8 @@ from .metrics import (
 )
 from .params import NewRows, full, param_groups, prepare
 from .preflight import PreflightError, preflight, tokens_from_data
-from .resume import check_checkpoint, remap_moments
+from .callbacks import Monitor, RemapMoments, StopAfter, _rank, _world, peak_memory
+from .resume import check_checkpoint
 from .run import RunInfo, last_checkpoint, resume_parts, save_parts
 from .runfolder import prepare_run_folder
 
@@ -53,14 +55,6 @@ class RunParts:
     base_rows: int  # the base vocabulary's length (row-norm metric)
     log: Callable
     remap: RowMap | None = None  # set on resume when the token set changed since the checkpoint
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class GraftTrainer(Trainer):
@@ -174,73 +168,6 @@ class GraftTrainer(Trainer):
         if p.config.fsdp:
             return  # loaded into the unsharded model before training (see train())
         p.remap = resume_parts(resume_from_checkpoint, self.model, p.base, p.rows, p.info, log=p.log)
-
-
-def peak_memory() -> dict:
-    """Peak memory of every process (MB): CUDA allocations on GPUs, else the process's peak RSS."""
-    import resource
-
-    if torch.cuda.is_available():
-        mine = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
-    vec = torch.zeros(_world(), dtype=torch.float64)
-    vec[_rank()] = mine
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(vec)
-    return {f"peak_mem_mb_rank{r}": round(float(v), 1) for r, v in enumerate(vec)}
-
-
-class RemapMoments(TrainerCallback):
-    """On resume after a token change: carry the new rows' Adam moments by token identity, once the
-    Trainer has loaded the checkpoint's optimizer state (before the first step)."""
-
-    def __init__(self, parts: RunParts):
-        self.parts = parts
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kw):
-        if self.parts.remap is not None and optimizer is not None:
-            remap_moments(optimizer, self.parts.rows, self.parts.remap)
-
-
-class StopAfter(TrainerCallback):
-    """Stop with a checkpoint after ``n`` steps: a planned interruption (time-boxed jobs, tests)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= self.n:
-            control.should_training_stop = True
-            control.should_save = True
-
-
-class Monitor(TrainerCallback):
-    """Rank 0: metrics to JSONL/TensorBoard; generation eval at eval steps and at the end."""
-
-    def __init__(self, writer: MetricsWriter | None, eval_fn, eval_steps: int, log=print):
-        self.writer, self.eval_fn, self.eval_steps, self.log = writer, eval_fn, eval_steps, log
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if self.writer is not None and state.is_world_process_zero and logs:
-            self.writer.write(state.global_step, {k: v for k, v in logs.items() if isinstance(v, (int, float))})
-
-    def _eval(self, state):
-        if self.eval_fn is None or not state.is_world_process_zero:
-            return
-        res = self.eval_fn()
-        self.log(f"eval @ step {state.global_step}: new-token precision {res['eval_new_precision']:.3f}, "
-                 f"recall {res['eval_new_recall']:.3f}, exact {res['eval_new_exact']:.3f}")
-        if self.writer is not None:
-            self.writer.write(state.global_step, res)
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.eval_steps and state.global_step % self.eval_steps == 0:
-            self._eval(state)
-
-    def on_train_end(self, args, state, control, **kw):
-        if not (self.eval_steps and state.global_step % self.eval_steps == 0):
-            self._eval(state)
 
 
 def resolve_tokens(cfg: TrainConfig, records) -> list:
@@ -372,9 +299,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
         log("--fsdp: generation eval skipped (one process cannot run a sharded model alone); evaluate the "
             "run folder afterwards, e.g. load it with tokengraft.train.run.load_run")
     elif eval_records:
-        def eval_fn():
-            return generation_eval(plan.model, tok, proc, eval_records, render, new_ids, image_folder=cfg.image_folder,
-                                   image_token_id=img_id, n_image_tokens=n_img, max_new_tokens=cfg.eval_max_new_tokens)
+        eval_fn = functools.partial(generation_eval, plan.model, tok, proc, eval_records, render, new_ids,
+                                    image_folder=cfg.image_folder, image_token_id=img_id, n_image_tokens=n_img,
+                                    max_new_tokens=cfg.eval_max_new_tokens)
     writer = MetricsWriter(run_dir, cfg.tensorboard) if rank0 else None
     parts = RunParts(config=cfg, base=model, rows=plan.rows, info=info, manifest=manifest, tokenizer=tok,
                      processor=proc, is_new=is_new, base_rows=base_rows, log=log)

@@ -1,0 +1,85 @@
+"""The Trainer callbacks of a run, and the process facts they need (rank, world size, peak memory)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from .metrics import MetricsWriter
+from .resume import remap_moments
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def peak_memory() -> dict:
+    """Peak memory of every process (MB): CUDA allocations on GPUs, else the process's peak RSS."""
+    import resource
+
+    if torch.cuda.is_available():
+        mine = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+    vec = torch.zeros(_world(), dtype=torch.float64)
+    vec[_rank()] = mine
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(vec)
+    return {f"peak_mem_mb_rank{r}": round(float(v), 1) for r, v in enumerate(vec)}
+
+
+class RemapMoments(TrainerCallback):
+    """On resume after a token change: carry the new rows' Adam moments by token identity, once the
+    Trainer has loaded the checkpoint's optimizer state (before the first step)."""
+
+    def __init__(self, parts):  # loop.RunParts
+        self.parts = parts
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        if self.parts.remap is not None and optimizer is not None:
+            remap_moments(optimizer, self.parts.rows, self.parts.remap)
+
+
+class StopAfter(TrainerCallback):
+    """Stop with a checkpoint after ``n`` steps: a planned interruption (time-boxed jobs, tests)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.n:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class Monitor(TrainerCallback):
+    """Rank 0: metrics to JSONL/TensorBoard; generation eval at eval steps and at the end."""
+
+    def __init__(self, writer: MetricsWriter | None, eval_fn, eval_steps: int, log=print):
+        self.writer, self.eval_fn, self.eval_steps, self.log = writer, eval_fn, eval_steps, log
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.writer is not None and state.is_world_process_zero and logs:
+            self.writer.write(state.global_step, {k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+    def _eval(self, state):
+        if self.eval_fn is None or not state.is_world_process_zero:
+            return
+        res = self.eval_fn()
+        self.log(f"eval @ step {state.global_step}: new-token precision {res['eval_new_precision']:.3f}, "
+                 f"recall {res['eval_new_recall']:.3f}, exact {res['eval_new_exact']:.3f}")
+        if self.writer is not None:
+            self.writer.write(state.global_step, res)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.eval_steps and state.global_step % self.eval_steps == 0:
+            self._eval(state)
+
+    def on_train_end(self, args, state, control, **kw):
+        if not (self.eval_steps and state.global_step % self.eval_steps == 0):
+            self._eval(state)
