@@ -62,7 +62,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--lr", type=float, default=3e-2)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--inits", default="tokengraft:auto,tokengraft:mean,tokengraft:subword,tokengraft:hewitt,transformers,random")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -76,15 +76,14 @@ def main(argv=None):
     results = []
     try:
         # the demo's model and data (tokengraft.demo.run defaults)
-        llava = build_llava(smollm2_dir(), work / "llava", image_size=128, patch_size=32, vision_layers=2,
-                            chat_template=COMPACT_CHATML)
-        data = make_grounding_dataset(work / "data", n_train=256, n_eval=4, bins=4, max_shapes=1)
+        llava = build_llava(smollm2_dir(), work / "llava", image_size=160, vision_layers=2, chat_template=COMPACT_CHATML)
+        data = make_grounding_dataset(work / "data", n_train=256, n_eval=4, bins=4)
         for how in args.inits.split(","):
             folder = variant_folder(llava, data["tokens"], how, work / f"m-{how.replace(':', '-')}")
             t0 = time.perf_counter()
             run = train(TrainConfig(model=str(folder), data=str(data["train"]), image_folder=str(data["image_folder"]),
                                     tokens=data["tokens"], mode="rows", train_projector=True, max_steps=args.steps,
-                                    lr=args.lr, batch_size=4, logging_steps=5, save_steps=args.steps,
+                                    lr=args.lr, batch_size=8, logging_steps=5, save_steps=args.steps,
                                     output_dir=str(work / f"run-{how.replace(':', '-')}"), progress=False,
                                     tensorboard=False, seed=0), log=lambda *_: None)
             secs = time.perf_counter() - t0
@@ -100,7 +99,7 @@ def main(argv=None):
     ref = next((r for r in results if r[0] == "transformers"), None)
     lines = [f"Command: `.venv/bin/python bench/learning.py --steps {args.steps} --target {args.target}`",
              f"Machine: {machine()}", "",
-             "Demo task (256 samples, 4 location bins, 8 new tokens), `rows` mode + projector, batch 4, one shape per 128 px image, "
+             "Demo task (256 samples, 4 location bins, 8 new tokens), `rows` mode + projector, batch 8, "
              f"lr {args.lr}, same seed for every init. Accuracy is over new-token label positions, "
              "averaged over each 5-step logging window.", "",
              f"| init | steps to {args.target:.0%} new-token accuracy | x transformers | final accuracy | final new-token loss |",

@@ -47,7 +47,7 @@ def _square_crop(img, size: int):
 
 
 def make_grounding_dataset(out_dir, n_train: int = 64, n_eval: int = 16, bins: int = 16, seed: int = 0,
-                           image_size: int = 224, text_only: int = 0, max_shapes: int = 2) -> dict:
+                           image_size: int = 224, text_only: int = 0) -> dict:
     """Write ``train.json``, ``eval.json`` (LLaVA format) and ``images/`` under ``out_dir``.
 
     Returns ``{"train", "eval", "image_folder", "tokens"}`` (paths, and the token list to graft).
@@ -62,7 +62,7 @@ def make_grounding_dataset(out_dir, n_train: int = 64, n_eval: int = 16, bins: i
 
     def sample(i: int, split: str) -> dict:
         img = photos[rng.randrange(len(photos))].copy()
-        objs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], k=rng.randint(1, max_shapes))
+        objs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], k=rng.choice((1, 2)))
         placed = []
         for colour, shape in objs:
             for _ in range(20):  # keep shapes apart so each box is unambiguous

@@ -27,9 +27,8 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by `tokengraft demo`; safe to delete\n")
 
 
-def run_demo(out="demo-out", steps: int = 120, n_train: int = 256, n_eval: int = 24, bins: int = 4,
-             lr: float = 3e-2, batch_size: int = 4, seed: int = 0, image_size: int = 128, vision_layers: int = 2,
-             shapes: int = 1, mode: str = "rows", init: str | None = None, log=print) -> dict:
+def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 24, bins: int = 4,
+             lr: float = 1e-2, batch_size: int = 8, seed: int = 0, image_size: int = 160, vision_layers: int = 2, log=print) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -56,16 +55,12 @@ def run_demo(out="demo-out", steps: int = 120, n_train: int = 256, n_eval: int =
         timings[title] = time.perf_counter()
 
     step(f"1. build a LLaVA: real SmolLM2-135M + small CLIP tower ({image_size} px) + projector")
-    # One vision patch per location bin: the patch grid is the bin grid, so the feature of the patch
-    # a shape sits on already says which bin it is in (a random tower keeps colour + position).
-    patch = image_size // bins if image_size % bins == 0 and image_size // bins >= 8 else 32
-    llava = build_llava(smollm2_dir(), out / "llava", seed=seed, image_size=image_size, patch_size=patch,
+    llava = build_llava(smollm2_dir(), out / "llava", seed=seed, image_size=image_size,
                         vision_layers=vision_layers, chat_template=COMPACT_CHATML)
     log(f"   {llava}")
 
     step("2. grounding dataset over real photos")
-    data = make_grounding_dataset(out / "data", n_train=n_train, n_eval=n_eval, bins=bins, seed=seed,
-                                  max_shapes=shapes)
+    data = make_grounding_dataset(out / "data", n_train=n_train, n_eval=n_eval, bins=bins, seed=seed)
     recs = json.loads(Path(data["train"]).read_text())
     log(f"   {n_train} train / {n_eval} held-out samples; e.g. {recs[0]['conversations'][0]['value']!r} -> "
         f"{recs[0]['conversations'][1]['value']!r}")
@@ -73,7 +68,7 @@ def run_demo(out="demo-out", steps: int = 120, n_train: int = 256, n_eval: int =
     step("3. graft the tokens; KL on ordinary text before training")
     model, tok, proc, manifest = load_folder(llava)
     hidden = head_inputs(model, tok, heldout_text())
-    manifest = graft(model, tok, data["tokens"], init=init, manifest=manifest, processor=proc, log=lambda m: log("   " + m))
+    manifest = graft(model, tok, data["tokens"], manifest=manifest, processor=proc, log=lambda m: log("   " + m))
     per_pos = kl_of_rows(hidden, model.get_output_embeddings().weight,
                          [t.id for t in manifest.tokens if t.content in data["tokens"]])
     kl, mass = float(per_pos.mean()), mass_of(per_pos)
@@ -85,7 +80,7 @@ def run_demo(out="demo-out", steps: int = 120, n_train: int = 256, n_eval: int =
 
     step(f"4. train the new rows + projector ({steps} steps)")
     cfg = TrainConfig(model=str(grafted), data=str(data["train"]), image_folder=str(data["image_folder"]),
-                      tokens=data["tokens"], mode=mode, train_projector=True, output_dir=str(out / "run"),
+                      tokens=data["tokens"], mode="rows", train_projector=True, output_dir=str(out / "run"),
                       max_steps=steps, batch_size=batch_size, lr=lr, logging_steps=5, save_steps=steps,
                       seed=seed, tensorboard=False)
     run = train(cfg, log=lambda m: log("   " + str(m)))
