@@ -87,7 +87,7 @@ def test_output_that_is_a_file(model_dir, data_file, tmp_path):
     out = tmp_path / "out.txt"
     out.write_text("keep me")
     line = one_line_error(tg(*argv(model_dir, data_file, out, "--max-steps", "1", "--overwrite")))
-    assert str(out) in line and "not a folder" in line
+    assert str(out) in line and "exists and is a file" in line
     assert out.read_text() == "keep me"
 
 
