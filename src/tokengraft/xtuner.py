@@ -206,7 +206,7 @@ def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dic
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import is_tied, rows_of
-    from .xtuner_internlm2 import is_internlm2_folder
+    from .internlm2.config import is_internlm2_folder
 
     if is_internlm2_folder(inp.llm):
         return _internlm2_language_model(inp, user, tokenizer, lora_alpha, loaded)

@@ -20,18 +20,6 @@ from .checkpoint.lora import merge_lora, unwrap_peft_names
 EMBED, HEAD = "model.tok_embeddings.weight", "output.weight"
 
 
-def is_internlm2_folder(folder) -> bool:
-    import json
-
-    from .internlm2 import is_internlm2
-
-    cfg = Path(folder) / "config.json"
-    try:
-        return is_internlm2(json.loads(cfg.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
-        return False
-
-
 def checkpoint_rows(plain: dict, lora: dict) -> int | None:
     rows = [v.shape[0] for k, v in plain.items() if k in (EMBED, HEAD) and v.dim() == 2]
     rows += [ab["lora_B"].shape[0] for m, ab in lora.items() if m == "output" and "lora_B" in ab]
@@ -47,9 +35,10 @@ def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:
 def language_model(llm, part: dict, *, tokenizer, alpha, use_rslora: bool, n_user: int, check_named_rows):
     """(lm, tok, n_base, rows_ck, trained_in, trained_out, merged, n_loaded) for an InternLM2 LLM folder
     and the checkpoint's ``llm.`` tensors ``part`` (InternLM2 names, maybe peft-wrapped)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from .internlm2 import llama_config, load_tokenizer, read_weights, to_llama
+    from .internlm2.folder import llama_model
     from .internlm2.weights import read_json
 
     folder = Path(llm)
@@ -83,11 +72,6 @@ def language_model(llm, part: dict, *, tokenizer, alpha, use_rslora: bool, n_use
                               "(XTuner's LLaVA configs use 256 for the LLM)")
         merged = merge_lora(w, lora, alpha, use_rslora, "llm")
     lcfg = llama_config({**cfg, "vocab_size": w[EMBED].shape[0]}, str(folder / "config.json"))
-    sd = to_llama(w, cfg)
-    with torch.device("meta"):
-        lm = LlamaForCausalLM(lcfg)
-    lm.load_state_dict(sd, assign=True, strict=True)
-    lm.model.rotary_emb = type(lm.model.rotary_emb)(config=lcfg)  # buffers were on meta: rebuild them
-    lm.eval()
+    lm = llama_model(to_llama(w, cfg), lcfg, torch.float32, str(folder))
     n_loaded = len(plain) + sum(len(v) for v in lora.values())
     return lm, tok, n_base, rows_ck, EMBED in plain, HEAD in plain, merged, n_loaded

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..manifest import Manifest
@@ -67,7 +66,9 @@ def load_tokenizer(folder):
     tok = light_tokenizer(p)
     if tok is not None:
         return tok
-    if _is_internlm2(p):  # InternLM2's tokenizer is remote code: read its sentencepiece model instead
+    from ..internlm2.config import is_internlm2_folder
+
+    if is_internlm2_folder(p):  # InternLM2's tokenizer is remote code: read its sentencepiece model instead
         from ..internlm2 import load_tokenizer as internlm2_tokenizer
 
         return internlm2_tokenizer(p)
@@ -77,20 +78,6 @@ def load_tokenizer(folder):
         return AutoTokenizer.from_pretrained(p, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a bad folder
         raise SourceVocabError(f"{p}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
-
-
-def _is_internlm2(p: Path) -> bool:
-    """A raw InternLM2 folder: config.json says internlm2, or its tokenizer class is InternLM2's."""
-    from ..internlm2.config import is_internlm2
-
-    for name, test in (("config.json", is_internlm2),
-                       ("tokenizer_config.json", lambda d: str(d.get("tokenizer_class", "")).startswith("InternLM2"))):
-        try:
-            if (p / name).is_file() and test(json.loads((p / name).read_text(encoding="utf-8"))):
-                return True
-        except (OSError, ValueError, AttributeError):
-            continue
-    return False
 
 
 def tokenizer_vocab(tok) -> list:

@@ -44,11 +44,13 @@ def export_internlm2_layout(model, tokenizer, processor, manifest, out, *, sourc
 
 def _verify(folder: Path, model, tokenizer, manifest, log) -> None:
     """Reload ``folder`` through the bridge and compare with ``model`` rounded to the folder's dtype."""
-    from ..internlm2 import load_folder, read_weights
+    from ..checkpoint.safetensors import SafetensorsFile
+    from ..internlm2 import load_folder, weight_files
 
     back, tok, _, _ = load_folder(folder, dtype=torch.float32)
     report = VerifyReport(ok=True, reference="merged model in memory, rounded to the folder's dtype", tied=False)
-    dtype = next(iter(read_weights(folder).values())).dtype  # the folder's own dtype (the original's)
+    with SafetensorsFile(weight_files(folder)[0]) as st:  # the folder's own dtype, from a header
+        dtype = st.dtype(st.keys()[0])
     want = {k: v.detach().to(dtype).float() for k, v in model.state_dict().items()}
     got = back.state_dict()
     bad = [k for k in want if k not in got or not torch.equal(want[k], got[k])]

@@ -14,11 +14,11 @@ The package, along the seams: ``config`` (config.json -> LlamaConfig), ``weights
 packed ``wqkv``, reading weight files), ``tokenizer`` (sentencepiece, exact), ``folder`` (load a folder,
 write one back).
 """
-from .config import MODEL_TYPE, InternLM2Error, check_config, is_internlm2, llama_config
+from .config import MODEL_TYPE, InternLM2Error, check_config, is_internlm2, is_internlm2_folder, llama_config
 from .folder import bridge_source, export_internlm2, load_folder, save_folder
 from .tokenizer import load_tokenizer, sp_reference_ids
 from .weights import from_llama, pack_wqkv, read_weights, to_llama, unpack_wqkv, weight_files
 
-__all__ = ["MODEL_TYPE", "InternLM2Error", "check_config", "is_internlm2", "llama_config", "bridge_source",
+__all__ = ["MODEL_TYPE", "InternLM2Error", "check_config", "is_internlm2", "is_internlm2_folder", "llama_config", "bridge_source",
            "export_internlm2", "load_folder", "save_folder", "load_tokenizer", "sp_reference_ids",
            "from_llama", "pack_wqkv", "read_weights", "to_llama", "unpack_wqkv", "weight_files"]

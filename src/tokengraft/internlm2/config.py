@@ -15,6 +15,24 @@ def is_internlm2(config: dict | None) -> bool:
     return bool(config) and config.get("model_type") == MODEL_TYPE
 
 
+def is_internlm2_folder(folder) -> bool:
+    """A raw InternLM2 folder: its config.json says internlm2, or (a tokenizer-only folder) its
+    tokenizer_config.json names InternLM2's tokenizer class. Unreadable files mean no."""
+    import json
+    from pathlib import Path
+
+    tests = (("config.json", is_internlm2),
+             ("tokenizer_config.json", lambda d: str(d.get("tokenizer_class", "")).startswith("InternLM2")))
+    for name, test in tests:
+        f = Path(folder) / name
+        try:
+            if f.is_file() and test(json.loads(f.read_text(encoding="utf-8"))):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 # -- config ---------------------------------------------------------------------------------------
 
 def _dims(cfg: dict) -> tuple[int, int, int, int]:

@@ -18,28 +18,14 @@ from .weights import from_llama, read_json, read_weights, to_llama
 def load_folder(path, dtype=None):
     """(LlamaForCausalLM, tokenizer, None, manifest) for an InternLM2 folder. Nothing in the folder is
     executed or imported; the manifest (the folder's own, or a fresh one) records the bridge."""
-    from transformers import LlamaForCausalLM
-
     from ..manifest import Manifest
     from ..vocab import fingerprint, vocab_of
 
     path = Path(path)
     cfg = read_json(path / "config.json")
     lcfg = llama_config(cfg, str(path / "config.json"))
-    sd = to_llama(read_weights(path), cfg)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(lcfg)
-    expected = set(model.state_dict())
-    missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or extra:
-        raise InternLM2Error(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {extra[:3]})")
     dtype = dtype or torch.float32
-    for k in list(sd):  # one tensor at a time: never two full copies of the model in memory
-        sd[k] = sd.pop(k).to(dtype)
-    model.load_state_dict(sd, assign=True, strict=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=lcfg)  # buffers were on meta: rebuild them
-    model.config.dtype = dtype
-    model.eval()
+    model = llama_model(to_llama(read_weights(path), cfg), lcfg, dtype, str(path))
     if (path / "generation_config.json").is_file():  # JSON only
         from transformers import GenerationConfig
 
@@ -54,6 +40,25 @@ def load_folder(path, dtype=None):
                             tied=False, vocab_fingerprint=fingerprint(vocab))
     manifest.record("bridge", source_arch=MODEL_TYPE, source=str(path.resolve()))
     return model, tok, None, manifest
+
+
+def llama_model(sd: dict, lcfg, dtype, where: str):
+    """A LlamaForCausalLM holding ``sd`` (Llama key names), built on the meta device and filled tensor by
+    tensor, so the model is never in memory twice; every weight must find its place."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(lcfg)
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or extra:
+        raise InternLM2Error(f"{where}: weights do not match config.json (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k in list(sd):  # one tensor at a time: never two full copies of the model in memory
+        sd[k] = sd.pop(k).to(dtype)
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=lcfg)  # buffers were on meta: rebuild them
+    model.config.dtype = dtype
+    return model.eval()
 
 
 def bridge_source(manifest) -> Path | None:
