@@ -1,4 +1,5 @@
-"""Run every benchmark; each rewrites its own section of bench/RESULTS.md.
+"""Run every benchmark (invisibility, convert, train rewrite their own section of bench/RESULTS.md;
+quality and many_tokens print tables that go there by hand, with the command that produced them).
 
     .venv/bin/python bench/run_all.py            # or: make bench
     .venv/bin/python bench/run_all.py --quick    # smaller sizes, for a smoke run
@@ -19,7 +20,8 @@ BENCHES = [  # (script, full args, quick args)
     ("invisibility.py", [], ["--no-write"]),
     ("convert.py", [], ["--small"]),
     ("train.py", [], ["--steps", "4", "--rounds", "1", "--results", QUICK_MD]),
-    ("learning.py", [], ["--steps", "20", "--inits", "tokengraft:auto,transformers", "--no-write"]),
+    ("quality.py", [], ["--quick", "--inits", "tokengraft:auto,transformers"]),
+    ("many_tokens.py", [], ["--ks", "8,100"]),
 ]
 
 

@@ -131,7 +131,10 @@ def test_image_record_with_only_a_gpt_turn(model_dir, tmp_path):
 
 def _interrupt_when(cmd, ready, timeout=300):
     """Start ``cmd``, wait until ``ready()`` holds, then send SIGINT (Ctrl-C) and collect it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # PYTHONFAULTHANDLER: if the run ignores the Ctrl-C, SIGABRT makes it print every thread's stack,
+    # so a failure shows where it was stuck instead of a bare timeout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "PYTHONFAULTHANDLER": "1"})
     t0 = time.time()
     while not ready():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -139,7 +142,12 @@ def _interrupt_when(cmd, ready, timeout=300):
         time.sleep(0.2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"Ctrl-C did not end the run within 120 s; its stacks:\n{err[-6000:]}")
     return proc.returncode, err
 
 

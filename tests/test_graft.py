@@ -176,7 +176,8 @@ def test_init_strategies_on_untied(mistral_v1_dir):
     src = tok.convert_ids_to_tokens(500)
     specs = [{"content": "<m>", "init": "mean"}, {"content": "<h>", "init": "hewitt"},
              {"content": "<d>", "init": "describe", "description": "bounding box"},
-             {"content": "<c>", "init": f"copy:{src}"}]
+             {"content": "<c>", "init": f"copy:{src}"},
+             {"content": "<box>", "init": "subword", "description": "bounding box"}]
     man = graft(model, tok, specs)
     emb = model.get_input_embeddings().weight
     trained = emb0.norm(dim=1) > 0
@@ -187,7 +188,10 @@ def test_init_strategies_on_untied(mistral_v1_dir):
     desc = tok("bounding box", add_special_tokens=False)["input_ids"]
     assert torch.allclose(emb[man.token("<d>").id], emb0[desc].mean(0), atol=1e-6)
     assert torch.equal(emb[man.token("<c>").id], emb0[500])
-    assert [t.init for t in man.tokens] == ["mean", "hewitt", "describe", f"copy:{src}"]
+    # subword reads the token's own name ("box"), not its description (that is `describe`)
+    name = tok("box", add_special_tokens=False)["input_ids"]
+    assert torch.allclose(emb[man.token("<box>").id], emb0[name].mean(0), atol=1e-6)
+    assert [t.init for t in man.tokens] == ["mean", "hewitt", "describe", f"copy:{src}", "subword"]
 
 
 def test_llava_image_token_and_processor_roundtrip(llava_dir, tmp_path):

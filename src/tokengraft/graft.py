@@ -223,8 +223,9 @@ def _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created,
     # The base pieces of every token's words (or description), encoded in one batched call:
     # one tokenizer call per token dominates the time at thousands of tokens.
     wants_text = [s for s in todo if s.init.split(":", 1)[0] in ("auto", "subword", "describe", "distill")]
-    texts = [s.description if (s.init.startswith("describe") or s.description) else I.markup_words(s.content)
-             for s in wants_text]
+    # `subword` reads the token's own name even when a description exists (that is `describe`)
+    texts = [s.description if s.init.split(":", 1)[0] in ("describe", "distill") or
+             (s.init.startswith("auto") and s.description) else I.markup_words(s.content) for s in wants_text]
     pieces_of = {s.content: [p for p in got if p < n_base]
                  for s, got in zip(wants_text, _encode_many(tokenizer, texts))}
 
