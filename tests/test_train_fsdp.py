@@ -1,6 +1,7 @@
-"""FSDP2 (`--fsdp`) training of new rows: real torchrun subprocesses, gloo on CPU, tiny Llama models
-with the real SmolLM2 tokenizer. Two FSDP processes at batch 2 equal one process at batch 4; FSDP
-checkpoints resume under FSDP and in one process; an FSDP run exports; lora/full refuse --fsdp."""
+"""FSDP2 (`--fsdp`) training in every mode: real torchrun subprocesses, gloo on CPU, tiny Llama models
+with the real SmolLM2 tokenizer. Two FSDP processes at batch 2 equal one process at batch 4 (rows,
+lora, full; tied and untied heads); FSDP checkpoints resume under FSDP and in one process; FSDP
+runs export to plain transformers folders with the one-process run's logits."""
 from __future__ import annotations
 
 import json
@@ -81,6 +82,7 @@ def rows(run):
 def close(a, b):
     assert a.keys() == b.keys()
     for k in a:
+        assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)  # a shard would broadcast in allclose
         assert torch.allclose(a[k], b[k], atol=ATOL), (k, (a[k] - b[k]).abs().max())
 
 
@@ -149,18 +151,6 @@ def test_export_of_an_fsdp_run(fsdp_untied, tmp_path):
     assert torch.allclose(model.get_output_embeddings().weight[ids], r["head"], atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_fsdp_refuses_modes_it_does_not_support(assets, tmp_path, mode):
-    proc = subprocess.run([sys.executable, "-m", "tokengraft", "train", "--model", str(assets / "untied"), "--data",
-                           str(assets / "train.json"), "--tokens", "<loc_0>", "--output-dir", str(tmp_path / "r"),
-                           "--mode", mode, "--fsdp"], env=ENV, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--fsdp supports mode rows only" in lines[0], proc.stderr
-    assert not (tmp_path / "r").exists()
-
-
 def test_fsdp_outside_torchrun_is_refused(assets, tmp_path):
     from tokengraft.train.config import TrainError
 
@@ -168,3 +158,103 @@ def test_fsdp_outside_torchrun_is_refused(assets, tmp_path):
         single(cfg(assets, "untied", tmp_path / "r", fsdp=True))
     assert not (tmp_path / "r").exists()
 
+
+
+# -- lora and full ------------------------------------------------------------------------------
+# full: every weight at lr 1e-3 (the rows at 2e-2); lora: the LoRA matrices at 1e-2. One step moves a
+# weight by about its lr (Adam), so ATOL = 1e-4 still tells a different update from float noise.
+MODES = {"full": {"mode": "full", "lr": 1e-3, "rows_lr": 2e-2}, "lora": {"mode": "lora", "lr": 1e-2, "rows_lr": 2e-2}}
+
+
+def trained(run, mode) -> dict:
+    """Every tensor a run trained: the rows, and the full weights or the PEFT adapter file."""
+    run = Path(run)
+    out = {f"rows.{k}": v for k, v in rows(run).items()}
+    if mode == "full":
+        out.update({f"full.{k}": v for k, v in load_file(str(run / "model.safetensors")).items()})
+    if mode == "lora":
+        out.update({f"lora.{k}": v for k, v in load_file(str(run / "adapter" / "adapter_model.safetensors")).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(assets, tmp_path_factory):
+    """(one-process run, two-process FSDP run) per (mode, head), built once."""
+    made = {}
+
+    def get(mode, head):
+        if (mode, head) not in made:
+            tmp = tmp_path_factory.mktemp(f"{mode}_{head}")
+            one = single(cfg(assets, head, tmp / "one", **MODES[mode]))
+            proc = torchrun(cfg(assets, head, tmp / "two", batch_size=2, **MODES[mode]), tmp, "--fsdp")
+            assert "FSDP2-sharded modules" in proc.stdout and " 0 FSDP2" not in proc.stdout, proc.stdout[-2000:]
+            made[mode, head] = (one, tmp / "two")
+        return made[mode, head]
+
+    return get
+
+
+@pytest.mark.parametrize("mode,head", [("full", "untied"), ("full", "tied"), ("lora", "untied"), ("lora", "tied")])
+def test_fsdp_lora_full_equal_one_process(pairs, mode, head):
+    one, two = pairs(mode, head)
+    a, b = trained(one, mode), trained(two, mode)
+    close(a, b)
+    before = trained(one / "checkpoint-2", mode)
+    groups = {k.split(".")[0] for k in a}
+    assert groups == {"rows", mode}
+    for g in groups:  # the last step moved every group well beyond ATOL, so equality is not vacuous
+        assert max((a[k] - before[k]).abs().max().item() for k in a if k.startswith(g)) > 10 * ATOL, g
+    if mode == "full":
+        n_params = sum(v.numel() for k, v in a.items() if k.startswith("full."))
+        assert n_params > 1e6  # whole tensors (the 49k x 64 embedding alone is 3.1M), not one rank's shard
+        # the shield: the base matrices' rows of the new tokens never moved (they train as deltas),
+        # while the rows of tokens in the data did
+        from transformers import AutoTokenizer
+
+        new = AutoTokenizer.from_pretrained(two).convert_tokens_to_ids(["<loc_0>", "<loc_1>", "<loc_2>", "<loc_3>"])
+        mats = [k for k in a if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight")]
+        assert len(mats) == (1 if head == "tied" else 2), mats
+        for k in mats:
+            assert torch.equal(b[k][new], before[k][new]), k
+            assert not torch.equal(b[k], before[k]), k
+
+
+def test_fsdp_full_checkpoint_resumes_under_fsdp_and_in_one_process(assets, pairs, tmp_path):
+    one, two = pairs("full", "untied")
+    # under FSDP: stop after 2 steps, resume to 3 (full weights and their Adam moments re-sharded)
+    c = cfg(assets, "untied", tmp_path / "cut", batch_size=2, **MODES["full"])
+    torchrun(c, tmp_path, "--fsdp", "--stop-after", "2")
+    assert not (tmp_path / "cut" / "checkpoint-3").exists()
+    torchrun(c, tmp_path, "--fsdp", "--resume")
+    close(trained(tmp_path / "cut", "full"), trained(one, "full"))
+    # in one process, from the FSDP run's checkpoint-2
+    moved = tmp_path / "moved"
+    shutil.copytree(two / "checkpoint-2", moved / "checkpoint-2")
+    shutil.copy(two / "run.json", moved / "run.json")
+    single(cfg(assets, "untied", moved, resume=True, **MODES["full"]))
+    close(trained(moved, "full"), trained(one, "full"))
+
+
+def export_logits(run, tmp_path, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, "-m", "tokengraft", "export", str(run), "-o", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("Where is item 7? It is at <loc_3><loc_1> near the door.", return_tensors="pt").input_ids
+    assert len(set(ids[0].tolist()) & set(tok.convert_tokens_to_ids(["<loc_1>", "<loc_3>"]))) == 2
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("mode,head", [("full", "untied"), ("lora", "tied")])
+def test_export_of_fsdp_lora_and_full_runs(pairs, tmp_path, mode, head):
+    one, two = pairs(mode, head)
+    a, b = export_logits(one, tmp_path, "one"), export_logits(two, tmp_path, "two")
+    start = export_logits(one / "checkpoint-2", tmp_path, "start")
+    # weights equal within 1e-4 give logits within 1e-3 here; a step of training moves them far more
+    assert (a - b).abs().max() < 1e-3, (a - b).abs().max()
+    assert (a - start).abs().max() > 1e-2

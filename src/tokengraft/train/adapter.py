@@ -43,11 +43,15 @@ def _peft_ties(model) -> bool:
 
 
 def save_adapter(folder, peft_model, base, ids: list[int], rows: dict[str, torch.Tensor], tied: bool,
-                 manifest: Manifest, base_folder: str, tokens: list[dict]) -> Path:
+                 manifest: Manifest, base_folder: str, tokens: list[dict],
+                 lora_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``folder/adapter/``: PEFT's LoRA save plus the new rows as trainable tokens.
-    ``rows``: the effective rows (``embed``, and ``head`` when untied), in ``ids`` order."""
+    ``rows``: the effective rows (``embed``, and ``head`` when untied), in ``ids`` order.
+    ``lora_state``: the LoRA tensors already gathered whole (FSDP), named as in the PEFT model's
+    state dict; PEFT's save would otherwise read the sharded model's local pieces."""
     out = Path(folder) / ADAPTER_DIR
-    peft_model.save_pretrained(out, save_embedding_layers=False)
+    extra = {"state_dict": lora_state} if lora_state is not None else {}
+    peft_model.save_pretrained(out, save_embedding_layers=False, **extra)
     tensors = load_file(str(out / ADAPTER_FILE))
     emb = _name_of(base, base.get_input_embeddings())
     sides = {emb: rows["embed"]}

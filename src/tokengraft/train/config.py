@@ -71,7 +71,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     workers: int = 0
-    fsdp: bool = False  # shard with torch FSDP2 (under torchrun); rows mode only for now
+    fsdp: bool = False  # shard with torch FSDP2 (under torchrun); every mode
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
@@ -114,9 +114,6 @@ class TrainConfig:
                 raise TrainError(f"{key} {v}: expected a number >= 0 (--{_flag(key)})")
         if not 0 <= self.lora_dropout < 1:
             raise TrainError(f"lora_dropout {self.lora_dropout}: expected 0 <= p < 1 (--lora-dropout)")
-        if self.fsdp and self.mode != "rows":
-            raise TrainError(f"--fsdp supports mode rows only (mode {self.mode!r} is not verified under FSDP2 "
-                             f"here); train {self.mode} with plain torchrun (DDP), or use --mode rows")
         _folder("model", self.model)
         _file("data", self.data)
         if self.image_folder is not None:

@@ -37,7 +37,7 @@ from .params import NewRows, full, param_groups, prepare
 from .preflight import PreflightError, preflight, tokens_from_data
 from .callbacks import Monitor, RemapMoments, StopAfter, _rank, _world, peak_memory
 from .resume import check_checkpoint
-from .run import RunInfo, last_checkpoint, resume_parts, save_parts
+from .run import RunInfo, gather_parts, last_checkpoint, resume_parts, save_parts
 from .runfolder import prepare_run_folder
 
 
@@ -122,12 +122,14 @@ class GraftTrainer(Trainer):
 
     def save_model(self, output_dir=None, _internal_call=False):
         """The run's trained parts instead of a full model (checkpoints call this too). Under FSDP
-        every rank gathers the sharded rows (a collective) and rank 0 alone writes."""
+        every rank gathers the sharded parts (collectives, one tensor at a time) and rank 0 alone
+        keeps and writes them."""
         p = self.parts
-        rows = p.rows.effective(p.base) if p.config.fsdp else None
+        gathered = gather_parts(self.model, p.base, p.rows, p.info, keep=self.args.should_save) \
+            if p.config.fsdp else None
         if self.args.should_save:
             save_parts(output_dir or self.args.output_dir, self.model, p.base, p.rows, p.info, p.manifest,
-                       p.tokenizer, p.processor, rows=rows)
+                       p.tokenizer, p.processor, gathered=gathered)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         """Under FSDP: the optimizer state gathered into the single-process ``optimizer.pt`` format

@@ -10,8 +10,8 @@ sides, exactly as the tie shares one row.
 * ``lora``: PEFT LoRA on the language model's linear layers plus the deltas; the embedding and head
   are never copied (no ``modules_to_save``).
 * ``full``: every weight except the vision tower (unless asked) trains; the new rows still train
-  through the deltas so they get their own learning rate and weight decay, and the base matrices'
-  gradient on those rows is zeroed so the two do not fight.
+  through the deltas so they get their own learning rate and weight decay, and the base matrices
+  get no gradient on those rows so the two do not fight (the *shield*, see ``NewRows.shield``).
 """
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ class NewRows(nn.Module):
         self.register_buffer("lookup", lookup, persistent=False)
         self.embed = nn.Parameter(torch.zeros(len(ids), hidden, dtype=dtype))
         self.head = None if tied else nn.Parameter(torch.zeros(len(ids), hidden, dtype=dtype))
+        # full mode: the base rows of the new tokens are used detached, so their gradient is zero by
+        # construction. Done in the forward, not with a gradient hook on the weight, because FSDP2
+        # (and ZeRO-3) replace the weight by sharded parameters a hook on the original never sees.
+        self.shield = False
         self._handles: list = []
 
     @property
@@ -54,11 +58,21 @@ class NewRows(nn.Module):
 
     def embed_hook(self, module, args, out):
         ids = args[0]
+        slot = self.lookup[ids.clamp(0, self.lookup.numel() - 1)]
+        if self.shield:  # same values; no gradient into the base rows at new-token positions
+            out = torch.where((slot > 0).unsqueeze(-1), out.detach(), out)
         table = torch.cat([self.embed.new_zeros(1, self.embed.shape[1]), self.embed]).to(out.dtype)
-        return out + F.embedding(self.lookup[ids.clamp(0, self.lookup.numel() - 1)], table)
+        return out + F.embedding(slot, table)
 
     def head_hook(self, module, args, out):
-        extra = args[0].to(self.out_delta.dtype) @ self.out_delta.T  # (..., k)
+        h = args[0]
+        if self.shield:
+            # the new columns again, from base rows detached (the hidden state keeps its full
+            # gradient); index_copy_ then gives the matmul's own new columns zero gradient, so the
+            # head (or tied embedding) gets none on those rows
+            w = module.weight[self.ids].detach().to(self.out_delta.dtype) + self.out_delta
+            return out.index_copy_(-1, self.ids, (h.to(w.dtype) @ w.T).to(out.dtype))
+        extra = h.to(self.out_delta.dtype) @ self.out_delta.T  # (..., k)
         # in place: the head's matmul does not keep its output for backward, and copying a
         # batch x seq x vocab logits tensor would cost more than the rest of the hook
         return out.index_add_(-1, self.ids, extra.to(out.dtype))
@@ -158,8 +172,7 @@ def prepare(model, mode: str, new_ids: list[int], tied: bool, *, train_projector
             p.requires_grad_(not _is_vision(name) or train_vision)
         else:
             p.requires_grad_(train_projector and _is_projector(name))
-    if mode == "full":
-        _shield_new_rows(model, new_ids, tied)
+    rows.shield = mode == "full"
     if mode == "lora":
         from peft import get_peft_model
 
@@ -174,24 +187,6 @@ def prepare(model, mode: str, new_ids: list[int], tied: bool, *, train_projector
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return Plan(mode, model, rows, trainable, total)
-
-
-def _shield_new_rows(model, ids: list[int], tied: bool) -> None:
-    """In ``full`` mode the new rows learn through their deltas only: zero the base matrices'
-    gradient on those rows so the rows' own LR/WD is the whole story."""
-    idx = torch.tensor(ids, dtype=torch.long)
-
-    def hook(grad):
-        grad = grad.clone()
-        grad[idx] = 0
-        return grad
-
-    mats = [model.get_input_embeddings().weight]
-    head = model.get_output_embeddings()
-    if head is not None and not tied:
-        mats.append(head.weight)
-    for w in mats:
-        w.register_hook(hook)
 
 
 def param_groups(model, rows: NewRows, lr: float, weight_decay: float, rows_lr: float | None,

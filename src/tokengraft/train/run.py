@@ -129,26 +129,67 @@ def remap_rows(saved_tokens: list[str], saved: dict[str, torch.Tensor], tokens: 
     return out, m
 
 
-def trained_state(model) -> dict[str, torch.Tensor]:
-    """Every trainable weight except the new-row deltas, with tied tensors stored once."""
-    from .params import ATTR
+def trained_state(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every trainable weight except the new-row deltas, with tied tensors stored once. Under FSDP
+    each weight is gathered whole, one at a time (a collective: every rank calls this, in the same
+    parameter order); ``keep=False`` (ranks that do not write) drops each one after its gather."""
+    from .params import ATTR, full
 
     out, seen = {}, set()
     for n, p in model.named_parameters():
         if not p.requires_grad or n.startswith(ATTR + ".") or f".{ATTR}." in n:
             continue
-        if p.data_ptr() in seen:
+        key = id(p) if hasattr(p, "full_tensor") else p.data_ptr()  # a sharded tie is one Parameter
+        if key in seen:
             continue
-        seen.add(p.data_ptr())
-        out[n] = p.detach().contiguous().cpu()
+        seen.add(key)
+        t = full(p.detach())
+        if keep:
+            out[n] = t.contiguous().cpu()
     return out
 
 
+def _named(model, pick, keep: bool) -> dict[str, torch.Tensor]:
+    """The parameters whose name ``pick`` accepts, whole (gathered under FSDP, as trained_state)."""
+    from .params import full
+
+    out = {}
+    for n, p in model.named_parameters():
+        if pick(n):
+            t = full(p.detach())
+            if keep:
+                out[n] = t.contiguous().cpu()
+    return out
+
+
+def gather_parts(model, base, rows_mod, info: RunInfo, keep: bool) -> dict:
+    """The trained parts as whole tensors, for ``save_parts``: under FSDP every rank must call this
+    (the gathers are collectives) and only the writer keeps them. Keys: ``rows`` (effective new
+    rows), ``full`` (full mode), ``projector``, ``lora`` (the PEFT model's LoRA tensors, named as in
+    its state dict, which is what PEFT's save takes)."""
+    parts = {"rows": rows_mod.effective(base)}
+    if info.mode == "full":
+        parts["full"] = trained_state(base, keep)
+    elif info.train_projector:
+        parts["projector"] = _named(base, lambda n: "multi_modal_projector" in n, keep)
+    if info.mode == "lora":
+        parts["lora"] = _named(model, lambda n: "lora_" in n, keep)
+    return parts
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    """Whole or absent: a save cut off half-way never looks like trained weights."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
 def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest, tokenizer, processor=None,
-               rows: dict | None = None) -> None:
+               gathered: dict | None = None) -> None:
     """Write the trained parts of ``model`` (``base``: the un-PEFT'd transformers model) to ``folder``.
-    ``rows``: the effective rows when already gathered (FSDP: every rank gathers, rank 0 writes)."""
-    rows = rows if rows is not None else rows_mod.effective(base)
+    ``gathered``: the parts already gathered by :func:`gather_parts` (FSDP: every rank gathers, rank
+    0 writes); by default they are read from the (unsharded) model here."""
+    g = gathered if gathered is not None else gather_parts(model, base, rows_mod, info, keep=True)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     info.save(folder)
@@ -156,16 +197,14 @@ def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest,
     if processor is not None:
         processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    save_rows(folder, info.new_tokens, rows, info.tied)
-    if info.mode == "full":
-        save_file(trained_state(base), str(folder / FULL_FILE), metadata={"format": "pt"})
-    elif info.train_projector:
-        proj = {n: p.detach().contiguous().cpu() for n, p in base.named_parameters()
-                if "multi_modal_projector" in n}
-        save_file(proj, str(folder / PROJECTOR_FILE), metadata={"format": "pt"})
+    save_rows(folder, info.new_tokens, g["rows"], info.tied)
+    if "full" in g:
+        _save_atomic(g["full"], folder / FULL_FILE)
+    elif "projector" in g:
+        _save_atomic(g["projector"], folder / PROJECTOR_FILE)
     if info.mode == "lora":
-        save_adapter(folder, model, base, rows_mod.ids.tolist(), rows, info.tied, manifest,
-                     info.base_model, info.tokens)
+        save_adapter(folder, model, base, rows_mod.ids.tolist(), g["rows"], info.tied, manifest,
+                     info.base_model, info.tokens, lora_state=g["lora"])
 
 
 def _load_named(model, path: Path) -> None:
