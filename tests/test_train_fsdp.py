@@ -258,3 +258,39 @@ def test_export_of_fsdp_lora_and_full_runs(pairs, tmp_path, mode, head):
     # weights equal within 1e-4 give logits within 1e-3 here; a step of training moves them far more
     assert (a - b).abs().max() < 1e-3, (a - b).abs().max()
     assert (a - start).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_full_mode_shield_zeroes_base_rows_and_nothing_else(tied):
+    """The shield (full mode) works in the forward: the base matrices get no gradient on the new
+    rows, and every other gradient (hidden states, layers, other rows, deltas) is what it is
+    without the shield."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokengraft.train.params import prepare
+
+    def grads(shield):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+        plan = prepare(model, "full", [90, 91], tied)
+        assert plan.rows.shield
+        plan.rows.shield = shield
+        with torch.no_grad():  # nonzero deltas, as after a few steps
+            for p in plan.rows.parameters():
+                p.normal_(0, 0.1)
+        ids = torch.tensor([[5, 90, 7, 91, 90, 3]])
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss, g), (loss0, g0) = grads(True), grads(False)
+    assert torch.allclose(loss, loss0, atol=1e-6)
+    mats = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    for n in g0:
+        if n in mats:
+            assert g[n][[90, 91]].abs().max() == 0 and g0[n][[90, 91]].abs().max() > 1e-4, n
+            rest = [i for i in range(100) if i not in (90, 91)]
+            assert torch.allclose(g[n][rest], g0[n][rest], atol=1e-6), n
+        else:
+            assert torch.allclose(g[n], g0[n], atol=1e-6), (n, (g[n] - g0[n]).abs().max())
