@@ -7,6 +7,18 @@ import os
 from ._common import add_output
 
 
+KNOBS = ("steps", "n_train", "n_eval", "bins", "batch_size", "lr", "rows_lr", "seed", "mode", "init")
+
+
+def _defaults() -> dict:
+    """run_demo's own defaults: one source for the demo and its --help."""
+    import inspect
+
+    from ..demo.run import run_demo
+
+    return {k: v.default for k, v in inspect.signature(run_demo).parameters.items()}
+
+
 def register(sub, name):
     p = sub.add_parser(
         name, help="end-to-end demo: tiny real LLaVA, grounding tokens, train, evaluate, export",
@@ -26,12 +38,26 @@ def register(sub, name):
                "folder is refused.\n\nexample:\n  tokengraft demo -o demo-out --steps 200")
     add_output(p, required=False, default="demo-out",
                help="output folder; an earlier demo folder there is replaced, any other is refused")
-    p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
-    p.add_argument("--train-samples", type=int, default=256, help="training samples (default 256)")
-    p.add_argument("--eval-samples", type=int, default=24, help="held-out samples (default 24)")
-    p.add_argument("--bins", type=int, default=4, help="location bins per axis, one token each (default 4)")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the new rows and projector (default 1e-2)")
-    p.add_argument("--seed", type=int, default=0)
+    d = _defaults()
+    for flag, key, typ, what in (
+            ("--steps", "steps", int, "training steps"),
+            ("--train-samples", "n_train", int, "training samples"),
+            ("--eval-samples", "n_eval", int, "held-out samples"),
+            ("--bins", "bins", int, "location bins per axis, one token each"),
+            ("--batch-size", "batch_size", int, "samples per step"),
+            ("--lr", "lr", float, "learning rate of the projector (and LoRA)"),
+            ("--rows-lr", "rows_lr", float, "learning rate of the new rows"),
+            ("--seed", "seed", int, "seed of the model, data and training")):
+        shown = "--lr" if d[key] is None else d[key]
+        p.add_argument(flag, dest=key, type=typ, default=None, metavar="N" if typ is int else "X",
+                       help=f"{what} (default {shown})")
+    p.add_argument("--mode", dest="mode", choices=("rows", "lora"), default=None,
+                   help=f"rows: only the new rows + projector learn; lora: also LoRA on the language model "
+                        f"(default {d['mode']})")
+    p.add_argument("--init", dest="init", default=None,
+                   help="init of the new tokens: a tokengraft method (auto, mean, ...) or `transformers` "
+                        "(the mean of the existing rows, as resize_token_embeddings(mean_resizing=True)) "
+                        "for the comparison (default auto)")
     return p
 
 
@@ -43,8 +69,8 @@ def run(args) -> int:
     if os.path.lexists(args.output) and not os.path.isdir(args.output):
         raise FolderError(f"{args.output}: exists and is not a folder; choose another --output")
 
-    if args.steps < 1 or args.bins < 2 or args.train_samples < 1 or args.eval_samples < 1:
-        raise TokengraftError("--steps, --train-samples and --eval-samples must be >= 1 and --bins >= 2")
-    run_demo(args.output, steps=args.steps, n_train=args.train_samples, n_eval=args.eval_samples, bins=args.bins,
-             lr=args.lr, seed=args.seed)
+    kw = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
+    if any(kw.get(k, 1) < 1 for k in ("steps", "n_train", "n_eval", "batch_size")) or kw.get("bins", 2) < 2:
+        raise TokengraftError("--steps, --train-samples, --eval-samples and --batch-size must be >= 1 and --bins >= 2")
+    run_demo(args.output, **kw)
     return 0

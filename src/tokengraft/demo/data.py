@@ -47,12 +47,14 @@ def _square_crop(img, size: int):
 
 
 def make_grounding_dataset(out_dir, n_train: int = 64, n_eval: int = 16, bins: int = 16, seed: int = 0,
-                           image_size: int = 224, text_only: int = 0) -> dict:
+                           image_size: int = 224, text_only: int = 0, max_shapes: int = 2,
+                           min_side: float = 0.2, max_side: float = 0.5) -> dict:
     """Write ``train.json``, ``eval.json`` (LLaVA format) and ``images/`` under ``out_dir``.
 
     Returns ``{"train", "eval", "image_folder", "tokens"}`` (paths, and the token list to graft).
     ``text_only`` adds that many image-free samples to train (they ask for the token format).
-    Deterministic in ``seed``."""
+    Each image holds 1..``max_shapes`` shapes (the others are distractors of another colour/shape)
+    with sides between ``min_side`` and ``max_side`` of the image. Deterministic in ``seed``."""
     from .assets import real_images
 
     out = Path(out_dir)
@@ -62,11 +64,11 @@ def make_grounding_dataset(out_dir, n_train: int = 64, n_eval: int = 16, bins: i
 
     def sample(i: int, split: str) -> dict:
         img = photos[rng.randrange(len(photos))].copy()
-        objs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], k=rng.choice((1, 2)))
+        objs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], k=rng.randint(1, max_shapes))
         placed = []
         for colour, shape in objs:
             for _ in range(20):  # keep shapes apart so each box is unambiguous
-                side = rng.randrange(image_size // 5, image_size // 2)
+                side = rng.randrange(int(image_size * min_side), int(image_size * max_side))
                 x0, y0 = rng.randrange(0, image_size - side), rng.randrange(0, image_size - side)
                 box = (x0, y0, x0 + side, y0 + side)
                 if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for _, b in placed):

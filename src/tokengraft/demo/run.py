@@ -27,8 +27,24 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by `tokengraft demo`; safe to delete\n")
 
 
+def _transformers_mean_init(model, ids: list[int]) -> None:
+    """What ``resize_token_embeddings(mean_resizing=True)`` gives new rows: the mean of the existing
+    rows (transformers samples around it with 1e-9 x their covariance, i.e. the mean itself), on the
+    input side and, for an untied model, the output side. For the comparison line only."""
+    import torch
+
+    keep = sorted(set(range(model.get_input_embeddings().weight.shape[0])) - set(ids))
+    with torch.no_grad():
+        for w in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None}.values():
+            w[ids] = w[keep].mean(0)
+
+
 def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 24, bins: int = 4,
-             lr: float = 1e-2, batch_size: int = 8, seed: int = 0, image_size: int = 160, vision_layers: int = 2, log=print) -> dict:
+             lr: float = 1e-2, batch_size: int = 8, seed: int = 0, image_size: int = 160, vision_layers: int = 2,
+             mode: str = "rows", rows_lr: float | None = None, lora_r: int = 8, patch_size: int = 32,
+             max_shapes: int = 2, min_side: float = 0.2, max_side: float = 0.5, init: str | None = None,
+             export_check: bool = True, log=print) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -55,12 +71,13 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
         timings[title] = time.perf_counter()
 
     step(f"1. build a LLaVA: real SmolLM2-135M + small CLIP tower ({image_size} px) + projector")
-    llava = build_llava(smollm2_dir(), out / "llava", seed=seed, image_size=image_size,
+    llava = build_llava(smollm2_dir(), out / "llava", seed=seed, image_size=image_size, patch_size=patch_size,
                         vision_layers=vision_layers, chat_template=COMPACT_CHATML)
     log(f"   {llava}")
 
     step("2. grounding dataset over real photos")
-    data = make_grounding_dataset(out / "data", n_train=n_train, n_eval=n_eval, bins=bins, seed=seed)
+    data = make_grounding_dataset(out / "data", n_train=n_train, n_eval=n_eval, bins=bins, seed=seed,
+                                  image_size=image_size, max_shapes=max_shapes, min_side=min_side, max_side=max_side)
     recs = json.loads(Path(data["train"]).read_text())
     log(f"   {n_train} train / {n_eval} held-out samples; e.g. {recs[0]['conversations'][0]['value']!r} -> "
         f"{recs[0]['conversations'][1]['value']!r}")
@@ -68,9 +85,12 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     step("3. graft the tokens; KL on ordinary text before training")
     model, tok, proc, manifest = load_folder(llava)
     hidden = head_inputs(model, tok, heldout_text())
-    manifest = graft(model, tok, data["tokens"], manifest=manifest, processor=proc, log=lambda m: log("   " + m))
-    per_pos = kl_of_rows(hidden, model.get_output_embeddings().weight,
-                         [t.id for t in manifest.tokens if t.content in data["tokens"]])
+    manifest = graft(model, tok, data["tokens"], manifest=manifest, processor=proc,
+                     init=None if init in (None, "transformers") else init, log=lambda m: log("   " + m))
+    new_ids = [t.id for t in manifest.tokens if t.content in data["tokens"]]
+    if init == "transformers":
+        _transformers_mean_init(model, new_ids)
+    per_pos = kl_of_rows(hidden, model.get_output_embeddings().weight, new_ids)
     kl, mass = float(per_pos.mean()), mass_of(per_pos)
     for t in manifest.tokens:
         log(f"   {t.id:>6}  {t.content:<10} role={t.role:<8} init={t.init}")
@@ -78,11 +98,12 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     grafted = save_folder(out / "llava-box", model, tok, manifest, processor=proc)
     del model
 
-    step(f"4. train the new rows + projector ({steps} steps)")
+    what = "the new rows + projector" if mode == "rows" else f"the new rows + projector + {mode} LM"
+    step(f"4. train {what} ({steps} steps)")
     cfg = TrainConfig(model=str(grafted), data=str(data["train"]), image_folder=str(data["image_folder"]),
-                      tokens=data["tokens"], mode="rows", train_projector=True, output_dir=str(out / "run"),
-                      max_steps=steps, batch_size=batch_size, lr=lr, logging_steps=5, save_steps=steps,
-                      seed=seed, tensorboard=False)
+                      tokens=data["tokens"], mode=mode, train_projector=True, output_dir=str(out / "run"),
+                      max_steps=steps, batch_size=batch_size, lr=lr, rows_lr=rows_lr, lora_r=lora_r,
+                      lora_alpha=2 * lora_r, logging_steps=5, save_steps=steps, seed=seed, tensorboard=False)
     run = train(cfg, log=lambda m: log("   " + str(m)))
 
     step("5. evaluate on held-out images")
@@ -109,6 +130,14 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     log(f"   exact match {res['exact']:.0%}, per-token accuracy {res['token_acc']:.0%}, "
         f"mean box IoU {res['iou']:.2f} (always answering the average box: {res['chance_iou']:.2f})")
     log(f"   curves: {curves}   predicted boxes: {pics}")
+
+    if not export_check:  # screening runs: the learning figures only
+        del model
+        total = time.perf_counter() - t_start
+        summary = {"kl_before_training": kl, **res, "steps": steps, "seconds": round(total, 1)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log(f"\ndone in {total:.0f} s")
+        return summary
 
     step("6. export + verify; reload with plain transformers and answer a held-out question")
     rep = export(run, out / "export", verify_output=True, log=lambda m: log("   " + str(m)))
