@@ -219,20 +219,21 @@ def test_fsdp_lora_full_equal_one_process(pairs, mode, head):
             assert not torch.equal(b[k], before[k]), k
 
 
-def test_fsdp_full_checkpoint_resumes_under_fsdp_and_in_one_process(assets, pairs, tmp_path):
-    one, two = pairs("full", "untied")
-    # under FSDP: stop after 2 steps, resume to 3 (full weights and their Adam moments re-sharded)
-    c = cfg(assets, "untied", tmp_path / "cut", batch_size=2, **MODES["full"])
+@pytest.mark.parametrize("mode,head", [("full", "untied"), ("lora", "tied")])
+def test_fsdp_lora_full_checkpoints_resume_under_fsdp_and_in_one_process(assets, pairs, tmp_path, mode, head):
+    one, two = pairs(mode, head)
+    # under FSDP: stop after 2 steps, resume to 3 (weights loaded before sharding, Adam moments re-sharded)
+    c = cfg(assets, head, tmp_path / "cut", batch_size=2, **MODES[mode])
     torchrun(c, tmp_path, "--fsdp", "--stop-after", "2")
     assert not (tmp_path / "cut" / "checkpoint-3").exists()
     torchrun(c, tmp_path, "--fsdp", "--resume")
-    close(trained(tmp_path / "cut", "full"), trained(one, "full"))
+    close(trained(tmp_path / "cut", mode), trained(one, mode))
     # in one process, from the FSDP run's checkpoint-2
     moved = tmp_path / "moved"
     shutil.copytree(two / "checkpoint-2", moved / "checkpoint-2")
     shutil.copy(two / "run.json", moved / "run.json")
-    single(cfg(assets, "untied", moved, resume=True, **MODES["full"]))
-    close(trained(moved, "full"), trained(one, "full"))
+    single(cfg(assets, head, moved, resume=True, **MODES[mode]))
+    close(trained(moved, mode), trained(one, mode))
 
 
 def export_logits(run, tmp_path, name):
