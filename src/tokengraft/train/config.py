@@ -72,6 +72,7 @@ class TrainConfig:
     tensorboard: bool = True
     workers: int = 0
     fsdp: bool = False  # shard with torch FSDP2 (under torchrun); every mode
+    deepspeed: str | None = None  # DeepSpeed ZeRO-3 JSON config (under torchrun); rows mode only
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
@@ -123,6 +124,11 @@ class TrainConfig:
                 _file(key, getattr(self, key))
         if isinstance(self.resume, str) and self.resume not in RESUME_LATEST:
             _folder("resume", self.resume)
+        if self.deepspeed is not None:
+            from .zero3 import check as check_zero3  # here: zero3 imports this module
+
+            _file("deepspeed", self.deepspeed)
+            check_zero3(self)
 
 
 RESUME_LATEST = ("true", "True", "1", "latest")  # --resume spellings meaning "the newest checkpoint"

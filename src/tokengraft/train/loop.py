@@ -39,6 +39,7 @@ from .callbacks import Monitor, RemapMoments, StopAfter, _rank, _world, peak_mem
 from .resume import check_checkpoint
 from .run import RunInfo, gather_parts, last_checkpoint, resume_parts, save_parts
 from .runfolder import prepare_run_folder
+from . import zero3
 
 
 @dataclass
@@ -55,6 +56,7 @@ class RunParts:
     base_rows: int  # the base vocabulary's length (row-norm metric)
     log: Callable
     remap: RowMap | None = None  # set on resume when the token set changed since the checkpoint
+    zero3: Any = None  # zero3.Zero3Rows under --deepspeed
 
 
 class GraftTrainer(Trainer):
@@ -71,6 +73,8 @@ class GraftTrainer(Trainer):
     def create_accelerator_and_postprocess(self):
         """accelerate turns FSDP on for GPU-like devices only; on CPU (gloo) it would silently train
         with DDP instead, so --fsdp switches its state to FSDP2 itself (the same plugin the Trainer built)."""
+        if self.args.deepspeed is not None:  # CPU: accelerate records one process (zero3.fix_cpu_state)
+            zero3.fix_cpu_state()
         super().create_accelerator_and_postprocess()
         if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
             from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -82,6 +86,8 @@ class GraftTrainer(Trainer):
             state.distributed_type = DistributedType.FSDP
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
+        if self.args.deepspeed is not None:
+            zero3.require_enabled(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -105,7 +111,8 @@ class GraftTrainer(Trainer):
                 torch.distributed.all_reduce(vec)
                 sums = dict(zip(sorted(sums), vec))
             logs.update(summarize(sums))
-            logs.update(row_norms(self.parts.base, self.parts.rows, self.parts.base_rows))
+            z = self.parts.zero3  # ZeRO-3: gather the k x hidden deltas only, never the matrices
+            logs.update(z.row_norms() if z else row_norms(self.parts.base, self.parts.rows, self.parts.base_rows))
             logs.update(peak_memory())
             self._sums = None
         super().log(logs, start_time)
@@ -125,6 +132,12 @@ class GraftTrainer(Trainer):
         every rank gathers the sharded parts (collectives, one tensor at a time) and rank 0 alone
         keeps and writes them."""
         p = self.parts
+        if p.zero3 is not None:  # ZeRO-3: every rank gathers the deltas, rank 0 writes (rows mode)
+            rows = p.zero3.effective()
+            if self.args.should_save:
+                save_parts(output_dir or self.args.output_dir, self.model, p.base, p.rows, p.info, p.manifest,
+                           p.tokenizer, p.processor, gathered={"rows": rows})
+            return
         gathered = gather_parts(self.model, p.base, p.rows, p.info, keep=self.args.should_save) \
             if p.config.fsdp else None
         if self.args.should_save:
@@ -135,6 +148,8 @@ class GraftTrainer(Trainer):
         """Under FSDP: the optimizer state gathered into the single-process ``optimizer.pt`` format
         (parameter indices, whole tensors), so an FSDP checkpoint resumes under FSDP and in one
         process alike; transformers' own FSDP save would also write the whole model."""
+        if self.parts.zero3 is not None:
+            return zero3.save_optimizer(self, output_dir)
         if not self.parts.config.fsdp:
             return super()._save_optimizer_and_scheduler(output_dir)
         sd = self.optimizer.state_dict()
@@ -229,6 +244,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
     run_dir = Path(cfg.output_dir)
     ckpt = _resume_folder(cfg)
     fsdp_args(cfg)  # refuse --fsdp outside torchrun before anything is written
+    zero3.training_args(cfg)  # the same for --deepspeed
+    if cfg.deepspeed:
+        zero3.check_resume(ckpt, remapped=False)
     if not cfg.preflight_only:
         prepare_run_folder(cfg, resuming=ckpt is not None, clear=False)  # refuse early; changes nothing
 
@@ -291,14 +309,14 @@ def train(cfg: TrainConfig, log=None) -> Path:
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
-        data_seed=cfg.seed, report_to="none", use_cpu=cpu, ddp_backend="gloo" if cpu and _world() > 1 else None,
+        data_seed=cfg.seed, report_to="none", use_cpu=cpu and not cfg.deepspeed, ddp_backend="gloo" if cpu and _world() > 1 else None,
         dataloader_num_workers=cfg.workers, remove_unused_columns=False, label_names=["labels"],
         disable_tqdm=not (cfg.progress and rank0), bf16=cfg.bf16, ddp_find_unused_parameters=False,
-        logging_first_step=True, **fsdp_args(cfg))
+        logging_first_step=True, **{**fsdp_args(cfg), **zero3.training_args(cfg)})
     render = renderer(tok, cfg.template)
     eval_fn = None
-    if eval_records and cfg.fsdp:
-        log("--fsdp: generation eval skipped (one process cannot run a sharded model alone); evaluate the "
+    if eval_records and (cfg.fsdp or cfg.deepspeed):
+        log(f"--{'fsdp' if cfg.fsdp else 'deepspeed'}: generation eval skipped (one process cannot run a sharded model alone); evaluate the "
             "run folder afterwards, e.g. load it with tokengraft.train.run.load_run")
     elif eval_records:
         eval_fn = functools.partial(generation_eval, plan.model, tok, proc, eval_records, render, new_ids,
@@ -307,6 +325,8 @@ def train(cfg: TrainConfig, log=None) -> Path:
     writer = MetricsWriter(run_dir, cfg.tensorboard) if rank0 else None
     parts = RunParts(config=cfg, base=model, rows=plan.rows, info=info, manifest=manifest, tokenizer=tok,
                      processor=proc, is_new=is_new, base_rows=base_rows, log=log)
+    if cfg.deepspeed:  # before DeepSpeed partitions the model (in trainer.train)
+        parts.zero3 = zero3.Zero3Rows(model, plan.rows, base_rows)
     callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log), RemapMoments(parts)]
     if cfg.stop_after:
         callbacks.append(StopAfter(cfg.stop_after))
@@ -314,9 +334,11 @@ def train(cfg: TrainConfig, log=None) -> Path:
     trainer = GraftTrainer(model=plan.model, args=args, train_dataset=ds, data_collator=Collator(pad),
                            callbacks=callbacks, parts=parts)
     done = _steps_done(ckpt)
-    if cfg.fsdp and ckpt is not None and done < cfg.max_steps:
-        # the trained parts go into the model before FSDP shards it (the Trainer loads them after)
+    if (cfg.fsdp or cfg.deepspeed) and ckpt is not None and done < cfg.max_steps:
+        # the trained parts go into the model before FSDP/ZeRO-3 shards it (the Trainer loads them after)
         parts.remap = resume_parts(ckpt, plan.model, model, plan.rows, info, log=log)
+        if cfg.deepspeed:
+            zero3.check_resume(ckpt, remapped=parts.remap is not None)
     if ckpt is not None and done >= cfg.max_steps:
         # transformers would still take one more step here; there is nothing left to train
         log(f"resume: {ckpt.name} is at step {done} >= max_steps {cfg.max_steps}; nothing to train, "
@@ -328,6 +350,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
         from torch.distributed.fsdp import FSDPModule
 
         log(f"fsdp: {sum(isinstance(m, FSDPModule) for m in plan.model.modules())} FSDP2-sharded modules")
+    if cfg.deepspeed:
+        log(f"zero3: {zero3.partitioned(plan.model)} ZeRO-3 partitioned parameters "
+            f"(stage {zero3.STAGE}, {_world()} processes)")
     trainer.save_model(str(run_dir))
     if rank0:
         plot(run_dir)
