@@ -87,7 +87,10 @@ class Report:
         for sid, why in self.dropped[:20]:
             lines.append(f"  unusable: sample {sid}: {why}")
         if self.token_counts:
-            lines.append("  new-token frequency: " + ", ".join(f"{t} {c}" for t, c in self.token_counts.items()))
+            shown = list(self.token_counts.items())[:40]  # thousands of tokens: one readable line
+            more = len(self.token_counts) - len(shown)
+            lines.append("  new-token frequency: " + ", ".join(f"{t} {c}" for t, c in shown)
+                         + (f", ... ({more} more)" if more else ""))
         for tag, (c, sid) in list(self.unknown_tags.items())[:20]:
             lines.append(f"  not in vocabulary: {tag} ({c}x, first in sample {sid})")
         return "\n".join(lines)
@@ -131,6 +134,10 @@ def preflight(records, tokenizer, new_tokens, *, image_folder=None, template="to
     render = renderer(tokenizer, template)
     known = set(tokenizer.get_vocab()) | set(new_tokens)  # new tokens will be grafted before training
     counts = Counter()
+    # one pattern for all new tokens (longest first, as the tokenizer matches them): one scan per
+    # text instead of one per token per text, which was hours at 10,000 tokens on a real dataset
+    find_new = re.compile("|".join(re.escape(t) for t in sorted(set(new_tokens), key=len, reverse=True))) \
+        if new_tokens else None
     unknown: dict[str, list] = {}
     folder = Path(image_folder) if image_folder else None
     seen_images: dict[str, str | None] = {}
@@ -147,8 +154,8 @@ def preflight(records, tokenizer, new_tokens, *, image_folder=None, template="to
                 rep.unreadable_images.append((sid, str(p), why))
         for t in r["conversations"]:
             text = t["value"]
-            for tok in new_tokens:
-                counts[tok] += text.count(tok)
+            if find_new is not None:
+                counts.update(m.group(0) for m in find_new.finditer(text))
             for m in LOOKS_SPECIAL.finditer(text):
                 s = m.group(0)
                 if s not in known and s != IMAGE:
