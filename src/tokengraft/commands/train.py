@@ -51,7 +51,7 @@ HELP = {  # config key -> (metavar, help)
     "progress": (None, "progress bar (default on)"),
     "tensorboard": (None, "also write TensorBoard events when tensorboard is installed (default on)"),
     "workers": ("N", "data-loader worker processes"),
-    "fsdp": (None, "shard the model with torch FSDP2 across torchrun processes (mode rows only)"),
+    "fsdp": (None, "shard the model with torch FSDP2 across torchrun processes (every mode)"),
     "deepspeed": ("DS.json", "DeepSpeed ZeRO-3 config: partition every weight across torchrun processes "
                              "(mode rows, fp32, stage 3, no offload; batch keys \"auto\"; see docs/train.md)"),
 }
@@ -91,7 +91,7 @@ RUN FOLDER
 
 MANY PROCESSES
   torchrun --nproc_per_node 2 -m tokengraft train CONFIG.yaml   (gloo on CPU, NCCL on GPUs)
-  torchrun --nproc_per_node 2 -m tokengraft train CONFIG.yaml --fsdp   (FSDP2; mode rows only)
+  torchrun --nproc_per_node 2 -m tokengraft train CONFIG.yaml --fsdp   (FSDP2; rows, lora, full)
   torchrun --nproc_per_node 2 -m tokengraft train CONFIG.yaml --deepspeed ds_zero3.json   (ZeRO-3; rows)
 
 EXAMPLES
