@@ -20,7 +20,7 @@ MARKER = ".tokengraft-demo"
 # The same default run with transformers' mean init instead of `auto` (init="transformers"),
 # recorded once (docs/demo.md, "Designs tried"): printed beside the result, since a second
 # training run would not fit the 300 s budget on 2 cores.
-RECORDED_TRANSFORMERS_INIT = {"exact": None, "token_acc": None, "iou": None}
+RECORDED_TRANSFORMERS_INIT = {"exact": None, "token_acc": None, "iou": None}  # not yet recorded for design A (docs/demo.md)
 
 
 def _prepare_out(out: Path) -> None:
@@ -58,7 +58,7 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
              lr: float = 1e-2, batch_size: int = 8, seed: int = 0, image_size: int = 160, vision_layers: int = 2,
              mode: str = "rows", rows_lr: float | None = None, lora_r: int = 8, patch_size: int = 32,
              max_shapes: int = 2, min_side: float = 0.2, max_side: float = 0.5, init: str | None = None,
-             export_check: bool = True, log=print) -> dict:
+             data_size: int = 224, export_check: bool = True, log=print) -> dict:
     settings = dict(locals())  # the knobs, before any local is added
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -92,7 +92,7 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
 
     step("2. grounding dataset over real photos")
     data = make_grounding_dataset(out / "data", n_train=n_train, n_eval=n_eval, bins=bins, seed=seed,
-                                  image_size=image_size, max_shapes=max_shapes, min_side=min_side, max_side=max_side)
+                                  image_size=data_size, max_shapes=max_shapes, min_side=min_side, max_side=max_side)
     recs = json.loads(Path(data["train"]).read_text())
     log(f"   {n_train} train / {n_eval} held-out samples; e.g. {recs[0]['conversations'][0]['value']!r} -> "
         f"{recs[0]['conversations'][1]['value']!r}")
