@@ -5,6 +5,7 @@ process runs the same function; transformers/accelerate handle the process group
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -345,7 +346,8 @@ def train(cfg: TrainConfig, log=None) -> Path:
             f"writing its parts (remapped if the tokens changed) as the run's result")
         parts.remap = resume_parts(ckpt, plan.model, model, plan.rows, info, log=log)
     else:
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        with zero3.lenient_resume() if cfg.deepspeed else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if cfg.fsdp:
         from torch.distributed.fsdp import FSDPModule
 

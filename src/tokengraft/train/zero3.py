@@ -20,6 +20,7 @@ scheduler, mode rows); everything else is refused in one line before anything is
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -226,6 +227,26 @@ def _own_groups(trainer) -> list[list]:
 
     p, c = trainer.parts, trainer.parts.config
     return [g["params"] for g in param_groups(p.base, p.rows, c.lr, c.weight_decay, c.rows_lr, c.rows_weight_decay)]
+
+
+@contextlib.contextmanager
+def lenient_resume():
+    """Checkpoints hold DeepSpeed's state without the frozen weights (exclude_frozen_parameters), but
+    the Trainer resumes them with a strict module load, which would ask for every frozen weight. The
+    frozen weights come from the base folder anyway, so resume non-strictly, as the Trainer itself
+    does for PEFT models; the trained deltas and their moments come from DeepSpeed's partitions."""
+    import transformers.trainer as hf_trainer
+
+    strict_load = hf_trainer.deepspeed_load_checkpoint
+
+    def load(model, path, load_module_strict=True):
+        return strict_load(model, path, load_module_strict=False)
+
+    hf_trainer.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = strict_load
 
 
 def check_resume(ckpt: Path | None, remapped: bool) -> None:
