@@ -4,6 +4,10 @@ Also the one call every writing command makes before any slow work: ``check_inpu
 rule of ``outdir.check_output`` plus the no-remote-code refusal for every input folder)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 HELP = {
     "output": "output folder; must not exist (unless --overwrite) and must lie outside every input",
     "overwrite": "replace OUT if it exists and tokengraft wrote it (it holds tokengraft.json or run.json); "
@@ -57,3 +61,24 @@ def check_inputs(output, overwrite: bool, inputs: dict) -> None:
     for p in inputs.values():
         if p:
             refuse_remote_code(p)
+
+
+@contextlib.contextmanager
+def result_only_on_stdout(active: bool = True):
+    """While a command works, send everything written to stdout to stderr instead, so stdout carries
+    only the result printed after the block (``--json`` stays parseable). Libraries do print there:
+    DeepSpeed, imported by transformers when saving, logs its accelerator choice on stdout. Both the
+    Python stream and file descriptor 1 are redirected (C-level writes too)."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_init, add_output, add_overwrite, add_tokens, check_inputs
+from ._common import add_init, add_output, add_overwrite, add_tokens, check_inputs, result_only_on_stdout
 
 
 def register(sub, name):
@@ -61,11 +61,12 @@ def run(args) -> int:
         specs = parse_tokens(specs)
     inputs = {"MODEL_DIR": args.model_dir, "tokens file": args.tokens_file}
     check_inputs(args.output, args.overwrite, inputs)  # before the slow part
-    model, tok, processor, manifest = load_folder(args.model_dir)
-    manifest = graft(model, tok, specs, pad_to_multiple_of=args.pad_to_multiple_of, manifest=manifest,
-                     processor=processor)
-    save_folder(args.output, model, tok, manifest, processor=processor, overwrite=args.overwrite,
-                inputs=inputs)
+    with result_only_on_stdout(args.json):
+        model, tok, processor, manifest = load_folder(args.model_dir)
+        manifest = graft(model, tok, specs, pad_to_multiple_of=args.pad_to_multiple_of, manifest=manifest,
+                         processor=processor)
+        save_folder(args.output, model, tok, manifest, processor=processor, overwrite=args.overwrite,
+                    inputs=inputs)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False))
     else:

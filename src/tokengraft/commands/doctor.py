@@ -5,6 +5,7 @@ import argparse
 import textwrap
 
 from ..errors import TokengraftError
+from ._common import result_only_on_stdout
 
 DESCRIPTION = textwrap.dedent("""\
     Check that a checkpoint folder's tokenizer, config, weights, processor, generation config
@@ -69,18 +70,19 @@ def run(args) -> int:
 
     hf_logging.set_verbosity_error()  # the findings are the report; library chatter is noise here
     hf_logging.disable_progress_bar()
-    if args.checkpoint is not None:
-        model = args.model or args.path
-        if model is None:
-            raise TokengraftError("--checkpoint needs --model MODEL: the model folder the checkpoint should load into")
-        findings = doctor.check_checkpoint(args.checkpoint, model)
-        where = args.checkpoint
-    elif args.model is not None:
-        raise TokengraftError("--model goes with --checkpoint CKPT; to check a model folder: tokengraft doctor MODEL")
-    elif args.path is None:
-        raise TokengraftError("give a model folder to check (tokengraft doctor PATH), or --checkpoint CKPT --model MODEL")
-    else:
-        findings = doctor.check_folder(args.path, kl=args.kl)
-        where = args.path
+    with result_only_on_stdout(args.json):
+        if args.checkpoint is not None:
+            model = args.model or args.path
+            if model is None:
+                raise TokengraftError("--checkpoint needs --model MODEL: the model folder the checkpoint should load into")
+            findings = doctor.check_checkpoint(args.checkpoint, model)
+            where = args.checkpoint
+        elif args.model is not None:
+            raise TokengraftError("--model goes with --checkpoint CKPT; to check a model folder: tokengraft doctor MODEL")
+        elif args.path is None:
+            raise TokengraftError("give a model folder to check (tokengraft doctor PATH), or --checkpoint CKPT --model MODEL")
+        else:
+            findings = doctor.check_folder(args.path, kl=args.kl)
+            where = args.path
     print(doctor.to_json(findings, where) if args.json else doctor.format_table(findings))
     return 1 if doctor.has_errors(findings) else 0
