@@ -125,10 +125,7 @@ class TrainConfig:
         if isinstance(self.resume, str) and self.resume not in RESUME_LATEST:
             _folder("resume", self.resume)
         if self.deepspeed is not None:
-            from .zero3 import check as check_zero3  # here: zero3 imports this module
-
-            _file("deepspeed", self.deepspeed)
-            check_zero3(self)
+            _file("deepspeed", self.deepspeed)  # its contents: zero3.check, called by train() next
 
 
 RESUME_LATEST = ("true", "True", "1", "latest")  # --resume spellings meaning "the newest checkpoint"

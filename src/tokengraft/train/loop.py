@@ -240,12 +240,14 @@ WAIVERS = {"unknown-tags": "allow_text_tags", "tokens-never-appear": "allow_miss
 def train(cfg: TrainConfig, log=None) -> Path:
     """Run one SFT job; returns the run folder (see :mod:`tokengraft.train.run` for its layout)."""
     cfg.check()
+    if cfg.deepspeed is not None:
+        zero3.check(cfg)  # the DeepSpeed config's contents (config.py cannot import zero3: a cycle)
     rank0 = _rank() == 0
     log = log or (print if rank0 else (lambda *a, **k: None))
     run_dir = Path(cfg.output_dir)
     ckpt = _resume_folder(cfg)
     fsdp_args(cfg)  # refuse --fsdp outside torchrun before anything is written
-    zero3.training_args(cfg)  # the same for --deepspeed
+    zero3.training_args(cfg, _world())  # the same for --deepspeed
     if cfg.deepspeed:
         zero3.check_resume(ckpt, remapped=False)
     if not cfg.preflight_only:
@@ -313,7 +315,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
         data_seed=cfg.seed, report_to="none", use_cpu=cpu and not cfg.deepspeed, ddp_backend="gloo" if cpu and _world() > 1 else None,
         dataloader_num_workers=cfg.workers, remove_unused_columns=False, label_names=["labels"],
         disable_tqdm=not (cfg.progress and rank0), bf16=cfg.bf16, ddp_find_unused_parameters=False,
-        logging_first_step=True, **{**fsdp_args(cfg), **zero3.training_args(cfg)})
+        logging_first_step=True, **{**fsdp_args(cfg), **zero3.training_args(cfg, _world())})
     render = renderer(tok, cfg.template)
     eval_fn = None
     if eval_records and (cfg.fsdp or cfg.deepspeed):

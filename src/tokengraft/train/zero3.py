@@ -98,15 +98,13 @@ def check(cfg) -> None:
     read_config(cfg.deepspeed)
 
 
-def training_args(cfg) -> dict:
+def training_args(cfg, world: int) -> dict:
     """TrainingArguments for ZeRO-3. The caller keeps ``use_cpu`` False: with it, transformers would set
     up accelerate for plain multi-CPU and never enable DeepSpeed (DeepSpeed picks its CPU accelerator
     itself when there is no GPU)."""
     if cfg.deepspeed is None:
         return {}
-    from .callbacks import _world
-
-    if _world() < 2:
+    if world < 2:
         raise TrainError("--deepspeed partitions across processes: start with torchrun --nproc_per_node N "
                          "(N >= 2) or the deepspeed launcher")
     try:
