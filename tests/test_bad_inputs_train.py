@@ -178,3 +178,19 @@ def test_ctrl_c_before_and_after_checkpoints_then_rerun_and_resume(model_dir, da
     line = one_line_error(tg(*argv(model_dir, data_file, out, "--max-steps", "100000", "--resume")))
     assert str(opt) in line, line
     assert (digest(model_dir), digest(data_file)) == before
+
+
+def test_a_lost_ctrl_c_still_stops_at_the_next_step():
+    """Python drops a KeyboardInterrupt raised inside __del__ or a weakref callback; the handler's flag
+    makes the next step boundary raise it again."""
+    from tokengraft.train.callbacks import CtrlC, on_ctrl_c
+
+    with on_ctrl_c():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            pass  # the interrupt is lost, as in a __del__
+        with pytest.raises(KeyboardInterrupt):
+            CtrlC().on_step_end(None, None, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not CtrlC.hit

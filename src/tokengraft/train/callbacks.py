@@ -1,6 +1,7 @@
 """The Trainer callbacks of a run, and the process facts they need (rank, world size, peak memory)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,6 +44,43 @@ class RemapMoments(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kw):
         if self.parts.remap is not None and optimizer is not None:
             remap_moments(optimizer, self.parts.rows, self.parts.remap)
+
+
+class CtrlC(TrainerCallback):
+    """Ctrl-C ends the run even when Python loses the first KeyboardInterrupt (one raised while a
+    ``__del__`` or a weakref callback runs is printed as "Exception ignored" and dropped): the SIGINT
+    handler installed by :func:`on_ctrl_c` also sets a flag that every step boundary checks."""
+
+    hit = False
+
+    def on_substep_end(self, args, state, control, **kw):
+        if CtrlC.hit:
+            raise KeyboardInterrupt
+
+    on_step_end = on_substep_end
+
+
+@contextlib.contextmanager
+def on_ctrl_c():
+    """SIGINT raises KeyboardInterrupt as usual and flags :class:`CtrlC` (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        CtrlC.hit = True
+        raise KeyboardInterrupt
+
+    CtrlC.hit = False
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        CtrlC.hit = False
 
 
 class StopAfter(TrainerCallback):

@@ -36,7 +36,7 @@ from .metrics import (
 )
 from .params import NewRows, full, param_groups, prepare
 from .preflight import PreflightError, preflight, tokens_from_data
-from .callbacks import Monitor, RemapMoments, StopAfter, _rank, _world, peak_memory
+from .callbacks import CtrlC, Monitor, RemapMoments, StopAfter, _rank, _world, on_ctrl_c, peak_memory
 from .resume import check_checkpoint
 from .run import RunInfo, gather_parts, last_checkpoint, resume_parts, save_parts
 from .runfolder import prepare_run_folder
@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
                      processor=proc, is_new=is_new, base_rows=base_rows, log=log)
     if cfg.deepspeed:  # before DeepSpeed partitions the model (in trainer.train)
         parts.zero3 = zero3.Zero3Rows(model, plan.rows, base_rows)
-    callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log), RemapMoments(parts)]
+    callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log), RemapMoments(parts), CtrlC()]
     if cfg.stop_after:
         callbacks.append(StopAfter(cfg.stop_after))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -348,7 +348,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
             f"writing its parts (remapped if the tokens changed) as the run's result")
         parts.remap = resume_parts(ckpt, plan.model, model, plan.rows, info, log=log)
     else:
-        with zero3.lenient_resume() if cfg.deepspeed else contextlib.nullcontext():
+        with zero3.lenient_resume() if cfg.deepspeed else contextlib.nullcontext(), on_ctrl_c():
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if cfg.fsdp:
         from torch.distributed.fsdp import FSDPModule
