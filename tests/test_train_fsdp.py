@@ -5,85 +5,22 @@ runs export to plain transformers folders with the one-process run's logits."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import tiny_llama
 from safetensors.torch import load_file
+from torchrun_helpers import ATOL, ENV, cfg, close, make_assets, rows, single, torchrun
 
 pytestmark = pytest.mark.slow
-# gloo sums gradients in another order than one process: float noise, amplified a little by Adam's
-# normalization; rows that learned differently would differ by ~lr = 2e-2 per step
-ATOL = 1e-4
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
 def assets(smollm2_dir, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("fsdp")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    for tied in (True, False):
-        d = root / ("tied" if tied else "untied")
-        tiny_llama(tok, tied=tied).save_pretrained(d)
-        tok.save_pretrained(d)
-    recs = [{"id": str(i), "conversations": [{"from": "human", "value": f"Where is item {i}?"},
-             {"from": "gpt", "value": f"It is at <loc_{i % 4}><loc_{(3 * i) % 4}> near the door."}]}
-            for i in range(16)]
-    (root / "train.json").write_text(json.dumps(recs))
-    return root
-
-
-def cfg(assets, model, out, **kw):
-    d = {"model": str(assets / model), "data": str(assets / "train.json"), "init": "mean",
-         "tokens": "<loc_0>,<loc_1>,<loc_2>,<loc_3>", "template": "chatml", "output_dir": str(out),
-         "batch_size": 4, "max_steps": 3, "save_steps": 2, "lr": 2e-2, "logging_steps": 1, "progress": False,
-         "tensorboard": False, "max_length": 64}
-    d.update(kw)
-    return d
-
-
-def single(c):
-    from tokengraft.train.config import TrainConfig
-    from tokengraft.train.loop import train
-
-    return train(TrainConfig(**c))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(c, tmp_path, *flags, check=True):
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(c))
-    exe = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(exe), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                           str(free_port()), "-m", "tokengraft", "train", str(tmp_path / "cfg.yaml"), *flags],
-                          env=ENV, capture_output=True, text=True, timeout=600, check=False)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def rows(run):
-    return load_file(str(Path(run) / "new_rows.safetensors"))
-
-
-def close(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)  # a shard would broadcast in allclose
-        assert torch.allclose(a[k], b[k], atol=ATOL), (k, (a[k] - b[k]).abs().max())
+    return make_assets(tmp_path_factory.mktemp("fsdp"), smollm2_dir)
 
 
 @pytest.fixture(scope="module")
