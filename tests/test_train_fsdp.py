@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchrun_helpers import ATOL, ENV, cfg, close, make_assets, rows, single, torchrun
+from torchrun_helpers import ATOL, assert_export_has_the_rows, cfg, close, exported, make_assets, rows, single, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -74,18 +72,7 @@ def test_fsdp_checkpoint_resumes_under_fsdp_and_in_one_process(assets, one_untie
 
 
 def test_export_of_an_fsdp_run(fsdp_untied, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "tokengraft", "export", str(fsdp_untied), "-o", str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(out)
-    ids = tok.convert_tokens_to_ids(["<loc_0>", "<loc_1>", "<loc_2>", "<loc_3>"])
-    r = rows(fsdp_untied)
-    assert torch.allclose(model.get_input_embeddings().weight[ids], r["embed"], atol=1e-6)
-    assert torch.allclose(model.get_output_embeddings().weight[ids], r["head"], atol=1e-6)
+    assert_export_has_the_rows(fsdp_untied, tmp_path / "hf")
 
 
 def test_fsdp_outside_torchrun_is_refused(assets, tmp_path):
@@ -174,14 +161,7 @@ def test_fsdp_lora_full_checkpoints_resume_under_fsdp_and_in_one_process(assets,
 
 
 def export_logits(run, tmp_path, name):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path / name
-    proc = subprocess.run([sys.executable, "-m", "tokengraft", "export", str(run), "-o", str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(out)
+    model, tok = exported(run, tmp_path / name)
     ids = tok("Where is item 7? It is at <loc_3><loc_1> near the door.", return_tensors="pt").input_ids
     assert len(set(ids[0].tolist()) & set(tok.convert_tokens_to_ids(["<loc_1>", "<loc_3>"]))) == 2
     with torch.no_grad():

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from torchrun_helpers import ENV as BASE_ENV
-from torchrun_helpers import TOKENS, cfg, close, make_assets, rows, single
+from torchrun_helpers import TOKENS, assert_export_has_the_rows, cfg, close, make_assets, rows, single
 from torchrun_helpers import torchrun as _torchrun
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'tokengraft[deepspeed]'")
@@ -114,18 +114,7 @@ def test_zero3_resumes_under_zero3(assets, one_untied, tmp_path):
 
 
 def test_export_of_a_zero3_run(z3_untied, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "tokengraft", "export", str(z3_untied), "-o", str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(out)
-    ids = tok.convert_tokens_to_ids(TOKENS)
-    r = rows(z3_untied)
-    assert torch.allclose(model.get_input_embeddings().weight[ids], r["embed"], atol=1e-6)
-    assert torch.allclose(model.get_output_embeddings().weight[ids], r["head"], atol=1e-6)
+    assert_export_has_the_rows(z3_untied, tmp_path / "hf", env=ENV)
 
 
 REFUSALS = [

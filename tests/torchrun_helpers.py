@@ -80,3 +80,22 @@ def close(a, b):
     for k in a:
         assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)  # a shard would broadcast in allclose
         assert torch.allclose(a[k], b[k], atol=ATOL), (k, (a[k] - b[k]).abs().max())
+
+
+def exported(run, out, env=ENV):
+    """``tokengraft export RUN -o OUT`` in a subprocess; the result loaded by plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc = subprocess.run([sys.executable, "-m", "tokengraft", "export", str(run), "-o", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
+
+
+def assert_export_has_the_rows(run, out, env=ENV):
+    """The exported (untied) model's rows of the new tokens are the run's rows."""
+    model, tok = exported(run, out, env)
+    ids = tok.convert_tokens_to_ids(TOKENS)
+    r = rows(run)
+    assert torch.allclose(model.get_input_embeddings().weight[ids], r["embed"], atol=1e-6)
+    assert torch.allclose(model.get_output_embeddings().weight[ids], r["head"], atol=1e-6)

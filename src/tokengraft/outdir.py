@@ -159,20 +159,26 @@ def _ordinary_modes(tmp: Path) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
-    """While writing, SIGTERM raises (like Ctrl-C) so the temporary folder is removed."""
+def signal_raises(signum, make_exc):
+    """While the block runs, signal ``signum`` raises ``make_exc()`` (main thread only: elsewhere
+    Python cannot install handlers, and the block runs unchanged); the old handler comes back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise Terminated()
+        raise make_exc()
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signum, old)
+
+
+def _sigterm_raises():
+    """While writing, SIGTERM raises (like Ctrl-C) so the temporary folder is removed."""
+    return signal_raises(signal.SIGTERM, Terminated)
 
 
 @contextlib.contextmanager

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 import torch
 from transformers import TrainerCallback
 
+from ..outdir import signal_raises
 from .metrics import MetricsWriter
 from .resume import remap_moments
 
@@ -63,23 +65,15 @@ class CtrlC(TrainerCallback):
 @contextlib.contextmanager
 def on_ctrl_c():
     """SIGINT raises KeyboardInterrupt as usual and flags :class:`CtrlC` (main thread only)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
+    def interrupt():
         CtrlC.hit = True
-        raise KeyboardInterrupt
+        return KeyboardInterrupt()
 
     CtrlC.hit = False
-    old = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        with signal_raises(signal.SIGINT, interrupt):
+            yield
     finally:
-        signal.signal(signal.SIGINT, old)
         CtrlC.hit = False
 
 
