@@ -7,7 +7,8 @@ import os
 from ._common import add_output
 
 
-KNOBS = ("steps", "n_train", "n_eval", "bins", "batch_size", "lr", "rows_lr", "seed", "mode", "init")
+KNOBS = ("steps", "n_train", "n_eval", "bins", "batch_size", "lr", "rows_lr", "seed", "mode", "init",
+         "vision_steps")
 
 
 def _defaults() -> dict:
@@ -24,7 +25,8 @@ def register(sub, name):
         name, help="end-to-end demo: tiny real LLaVA, grounding tokens, train, evaluate, export",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the whole tokengraft pipeline on an embedded default, offline:\n"
-                    "  1. build a LLaVA from real SmolLM2-135M + a small CLIP tower + projector\n"
+                    "  1. build a LLaVA from real SmolLM2-135M + a small CLIP tower + projector; no CLIP\n"
+                    "     weights ship offline, so the tower is pretrained first to see where shapes are\n"
                     "  2. generate a grounding dataset over real photos (scikit-image) with drawn shapes;\n"
                     "     answers use new tokens: <ref>red circle</ref><box><loc_1><loc_2><loc_5><loc_6></box>\n"
                     "  3. graft the tokens, print the manifest and the KL on ordinary text (invisible graft)\n"
@@ -47,6 +49,8 @@ def register(sub, name):
             ("--batch-size", "batch_size", int, "samples per step"),
             ("--lr", "lr", float, "learning rate of the projector (and LoRA)"),
             ("--rows-lr", "rows_lr", float, "learning rate of the new rows"),
+            ("--vision-steps", "vision_steps", int, "pretraining steps of the small vision tower, which no "
+                                                    "package ships weights for (0: leave it random)"),
             ("--seed", "seed", int, "seed of the model, data and training")):
         shown = "--lr" if d[key] is None else d[key]
         p.add_argument(flag, dest=key, type=typ, default=None, metavar="N" if typ is int else "X",
@@ -70,7 +74,9 @@ def run(args) -> int:
         raise FolderError(f"{args.output}: exists and is not a folder; choose another --output")
 
     kw = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
-    if any(kw.get(k, 1) < 1 for k in ("steps", "n_train", "n_eval", "batch_size")) or kw.get("bins", 2) < 2:
-        raise TokengraftError("--steps, --train-samples, --eval-samples and --batch-size must be >= 1 and --bins >= 2")
+    if any(kw.get(k, 1) < 1 for k in ("steps", "n_train", "n_eval", "batch_size")) or kw.get("bins", 2) < 2 \
+            or kw.get("vision_steps", 0) < 0:
+        raise TokengraftError("--steps, --train-samples, --eval-samples and --batch-size must be >= 1, --bins >= 2 "
+                              "and --vision-steps >= 0")
     run_demo(args.output, **kw)
     return 0

@@ -46,39 +46,57 @@ def _square_crop(img, size: int):
     return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size))
 
 
+def scene(rng, photos, image_size: int, max_shapes: int = 2, min_side: float = 0.2, max_side: float = 0.5,
+          grid: int = 0):
+    """One picture: a random photo with 1..``max_shapes`` shapes drawn on it, kept apart. Returns
+    ``(image, label, box)`` for one of the shapes (the others are distractors). With ``grid`` > 0,
+    each shape fills one cell of a ``grid`` x ``grid`` layout instead of a random square."""
+    img = photos[rng.randrange(len(photos))].copy()
+    objs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], k=rng.randint(1, max_shapes))
+    placed = []
+    for colour, shape in objs:
+        for _ in range(20):  # keep shapes apart so each box is unambiguous
+            if grid:
+                cell = image_size // grid
+                c, r = rng.randrange(grid), rng.randrange(grid)
+                box = (c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1)
+            else:
+                side = rng.randrange(int(image_size * min_side), int(image_size * max_side))
+                x0, y0 = rng.randrange(0, image_size - side), rng.randrange(0, image_size - side)
+                box = (x0, y0, x0 + side, y0 + side)
+            if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for _, b in placed):
+                break
+        placed.append(((colour, shape), box))
+        _draw(img, shape, COLOURS[colour], box)
+    (colour, shape), box = placed[rng.randrange(len(placed))]
+    return img, f"{colour} {shape}", box
+
+
+def photos(image_size: int) -> list:
+    from .assets import real_images
+
+    return [_square_crop(im, image_size) for im in real_images().values()]
+
+
 def make_grounding_dataset(out_dir, n_train: int = 64, n_eval: int = 16, bins: int = 16, seed: int = 0,
                            image_size: int = 224, text_only: int = 0, max_shapes: int = 2,
-                           min_side: float = 0.2, max_side: float = 0.5) -> dict:
+                           min_side: float = 0.2, max_side: float = 0.5, grid: bool = False) -> dict:
     """Write ``train.json``, ``eval.json`` (LLaVA format) and ``images/`` under ``out_dir``.
 
     Returns ``{"train", "eval", "image_folder", "tokens"}`` (paths, and the token list to graft).
     ``text_only`` adds that many image-free samples to train (they ask for the token format).
     Each image holds 1..``max_shapes`` shapes (the others are distractors of another colour/shape)
-    with sides between ``min_side`` and ``max_side`` of the image. Deterministic in ``seed``."""
-    from .assets import real_images
-
+    with sides between ``min_side`` and ``max_side`` of the image, or, with ``grid``, each filling
+    one cell of the ``bins`` x ``bins`` location grid. Deterministic in ``seed``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    photos = [_square_crop(im, image_size) for im in real_images().values()]
+    pics = photos(image_size)
     rng = random.Random(seed)
 
     def sample(i: int, split: str) -> dict:
-        img = photos[rng.randrange(len(photos))].copy()
-        objs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], k=rng.randint(1, max_shapes))
-        placed = []
-        for colour, shape in objs:
-            for _ in range(20):  # keep shapes apart so each box is unambiguous
-                side = rng.randrange(int(image_size * min_side), int(image_size * max_side))
-                x0, y0 = rng.randrange(0, image_size - side), rng.randrange(0, image_size - side)
-                box = (x0, y0, x0 + side, y0 + side)
-                if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for _, b in placed):
-                    break
-            placed.append(((colour, shape), box))
-            _draw(img, shape, COLOURS[colour], box)
-        (colour, shape), box = placed[rng.randrange(len(placed))]
+        img, label, box = scene(rng, pics, image_size, max_shapes, min_side, max_side, bins if grid else 0)
         name = f"{split}_{i:05d}.jpg"
         img.save(out / "images" / name, quality=90)
-        label = f"{colour} {shape}"
         return {"id": f"{split}-{i}", "image": name, "conversations": [
             {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS).format(label)},
             {"from": "gpt", "value": box_answer(label, box, image_size, bins)}]}

@@ -17,11 +17,15 @@ COMPACT_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['rol
 
 
 def build_llava(text_dir, out_dir, image_size: int = 224, patch_size: int = 32, vision_hidden: int = 256,
-                vision_layers: int = 4, seed: int = 0, chat_template: str | None = None) -> Path:
+                vision_layers: int = 4, seed: int = 0, chat_template: str | None = None,
+                vision_feature_layer: int = -2, position_std: float | None = None, prepare_vision=None) -> Path:
     """Write ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``out_dir`` and return it.
 
     ``<image>`` is added to the tokenizer as the image placeholder (a special, input-only token);
-    that addition is a graft like any other and is recorded in ``tokengraft.json``."""
+    that addition is a graft like any other and is recorded in ``tokengraft.json``.
+    ``position_std`` rescales the random tower's position embeddings (they start at std 0.02, 50x
+    weaker than its patch features); ``prepare_vision(model, processor)`` runs before the save
+    (the demo pretrains its tower there: `tokengraft.demo.vision`)."""
     import torch
     from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
                               LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
@@ -39,7 +43,7 @@ def build_llava(text_dir, out_dir, image_size: int = 224, patch_size: int = 32, 
                             patch_size=patch_size)
     n_patches = (image_size // patch_size) ** 2
     cfg = LlavaConfig(text_config=lm.config, vision_config=vcfg, image_token_id=0,  # fixed below
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
                       image_seq_length=n_patches, tie_word_embeddings=lm.config.tie_word_embeddings)
     model = LlavaForConditionalGeneration(cfg)
     missing, unexpected = model.model.language_model.load_state_dict(lm.model.state_dict(), strict=False)
@@ -55,4 +59,10 @@ def build_llava(text_dir, out_dir, image_size: int = 224, patch_size: int = 32, 
     processor = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=patch_size,
                                vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
                                num_additional_image_tokens=1, chat_template=tok.chat_template)
+    if position_std is not None:
+        with torch.no_grad():
+            pos = model.model.vision_tower.embeddings.position_embedding.weight
+            pos.mul_(position_std / pos.std())
+    if prepare_vision is not None:
+        prepare_vision(model, processor)
     return save_folder(out_dir, model, tok, manifest, processor=processor)

@@ -54,11 +54,12 @@ def _is_default(settings: dict) -> bool:
     return all(settings.get(k) == v for k, v in defaults.items())
 
 
-def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 24, bins: int = 4,
-             lr: float = 1e-2, batch_size: int = 8, seed: int = 0, image_size: int = 160, vision_layers: int = 2,
-             mode: str = "rows", rows_lr: float | None = None, lora_r: int = 8, patch_size: int = 32,
-             max_shapes: int = 2, min_side: float = 0.2, max_side: float = 0.5, init: str | None = None,
-             data_size: int = 224, export_check: bool = True, log=print) -> dict:
+def run_demo(out="demo-out", steps: int = 140, n_train: int = 560, n_eval: int = 32, bins: int = 4,
+             lr: float = 3e-3, batch_size: int = 4, seed: int = 0, image_size: int = 128, vision_layers: int = 2,
+             mode: str = "rows", rows_lr: float | None = 1e-2, lora_r: int = 8, patch_size: int = 32,
+             max_shapes: int = 1, min_side: float = 0.2, max_side: float = 0.5, init: str | None = None,
+             data_size: int = 128, grid: bool = True, vision_steps: int = 600, position_std: float = 1.0,
+             export_check: bool = True, log=print) -> dict:
     settings = dict(locals())  # the knobs, before any local is added
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -75,6 +76,7 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
     from .data import make_grounding_dataset
     from .evaluate import answer, chance_iou, draw_predictions, score
     from .llava import COMPACT_CHATML, build_llava
+    from .vision import pretrain_tower
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -86,13 +88,19 @@ def run_demo(out="demo-out", steps: int = 60, n_train: int = 256, n_eval: int = 
         timings[title] = time.perf_counter()
 
     step(f"1. build a LLaVA: real SmolLM2-135M + small CLIP tower ({image_size} px) + projector")
+    prepare = None
+    if vision_steps:
+        log(f"   no CLIP weights ship offline: pretraining the small tower to see where shapes are ({vision_steps} steps)")
+        prepare = lambda m, p: pretrain_tower(m, p, vision_steps, bins, seed=seed, log=lambda x: log("   " + x))  # noqa: E731
     llava = build_llava(smollm2_dir(), out / "llava", seed=seed, image_size=image_size, patch_size=patch_size,
-                        vision_layers=vision_layers, chat_template=COMPACT_CHATML)
+                        vision_layers=vision_layers, chat_template=COMPACT_CHATML, vision_feature_layer=-1,
+                        position_std=position_std, prepare_vision=prepare)
     log(f"   {llava}")
 
     step("2. grounding dataset over real photos")
     data = make_grounding_dataset(out / "data", n_train=n_train, n_eval=n_eval, bins=bins, seed=seed,
-                                  image_size=data_size, max_shapes=max_shapes, min_side=min_side, max_side=max_side)
+                                  image_size=data_size, max_shapes=max_shapes, min_side=min_side, max_side=max_side,
+                                  grid=grid)
     recs = json.loads(Path(data["train"]).read_text())
     log(f"   {n_train} train / {n_eval} held-out samples; e.g. {recs[0]['conversations'][0]['value']!r} -> "
         f"{recs[0]['conversations'][1]['value']!r}")
