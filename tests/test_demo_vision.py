@@ -48,7 +48,7 @@ def pretrained(smollm2_dir, tmp_path_factory):
         before = {n: p.detach().clone() for n, p in model.model.vision_tower.named_parameters()}
         got["acc"] = pretrain_tower(model, processor, steps=300, bins=4, seed=0, log=lambda m: None)
         got["moved"] = max(float((p.detach() - before[n]).abs().max()) for n, p in model.model.vision_tower.named_parameters())
-        got["emb_norm"] = float(model.get_input_embeddings().weight.norm(dim=-1).mean())
+        got["emb_norm"] = float(model.get_input_embeddings().weight.detach().norm(dim=-1).mean())
         got["linear_1"] = model.model.multi_modal_projector.linear_1.weight.detach().clone()
         assert torch.isfinite(got["linear_1"]).all()
 
