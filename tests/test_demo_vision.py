@@ -83,3 +83,17 @@ def test_pretrained_llava_reloads_with_its_image_tokens_at_embedding_scale(pretr
     assert feats.shape[0] == 16
     norm = float(feats.norm(dim=-1).mean())
     assert 0.3 * got["emb_norm"] < norm < 3 * got["emb_norm"], (norm, got["emb_norm"])
+
+
+@pytest.mark.parametrize("args, says", [(["--bins", "200"], "--bins 200"), (["--vision-steps", "-1"], "--vision-steps")])
+def test_demo_refuses_bad_knobs_in_one_line_and_writes_nothing(tmp_path, args, says):
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo-out"
+    r = subprocess.run([sys.executable, "-m", "tokengraft", "demo", "-o", str(out), *args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and says in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not out.exists()

@@ -45,7 +45,7 @@ def register(sub, name):
             ("--steps", "steps", int, "training steps"),
             ("--train-samples", "n_train", int, "training samples"),
             ("--eval-samples", "n_eval", int, "held-out samples"),
-            ("--bins", "bins", int, "location bins per axis, one token each"),
+            ("--bins", "bins", int, "location bins per axis, one token each; at most 16 (each grid cell >= 8 px)"),
             ("--batch-size", "batch_size", int, "samples per step"),
             ("--lr", "lr", float, "learning rate of the projector (and LoRA)"),
             ("--rows-lr", "rows_lr", float, "learning rate of the new rows"),

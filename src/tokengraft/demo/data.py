@@ -21,10 +21,14 @@ def grounding_tokens(bins: int = 16) -> list[str]:
     return ["<ref>", "</ref>", "<box>", "</box>"] + [f"<loc_{i}>" for i in range(bins)]
 
 
+def bins_of(box: tuple[int, int, int, int], size: int, bins: int) -> list[int]:
+    """The location bin of each box corner coordinate (x0 y0 x1 y1) in a ``size``-pixel picture."""
+    return [min(bins - 1, int(v * bins / size)) for v in box]
+
+
 def box_answer(label: str, box: tuple[int, int, int, int], size: int, bins: int) -> str:
     """``<ref>label</ref><box>`` + four location-bin tokens (x0 y0 x1 y1) + ``</box>``."""
-    q = [min(bins - 1, int(v * bins / size)) for v in box]
-    return f"<ref>{label}</ref><box>" + "".join(f"<loc_{v}>" for v in q) + "</box>"
+    return f"<ref>{label}</ref><box>" + "".join(f"<loc_{v}>" for v in bins_of(box, size, bins)) + "</box>"
 
 
 def _draw(img, shape: str, colour, box) -> None:
@@ -53,11 +57,10 @@ def scene(rng, photos, image_size: int, max_shapes: int = 2, min_side: float = 0
     each shape fills one cell of a ``grid`` x ``grid`` layout instead of a random square."""
     img = photos[rng.randrange(len(photos))].copy()
     objs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], k=rng.randint(1, max_shapes))
-    placed = []
+    placed, cell = [], image_size // grid if grid else 0
     for colour, shape in objs:
         for _ in range(20):  # keep shapes apart so each box is unambiguous
             if grid:
-                cell = image_size // grid
                 c, r = rng.randrange(grid), rng.randrange(grid)
                 box = (c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1)
             else:

@@ -77,7 +77,11 @@ def run_demo(out="demo-out", steps: int = 140, n_train: int = 560, n_eval: int =
     from .evaluate import answer, chance_iou, draw_predictions, score
     from .llava import COMPACT_CHATML, build_llava
     from .vision import pretrain_tower
+    from ..errors import TokengraftError
 
+    if grid and data_size // bins < 8:
+        raise TokengraftError(f"--bins {bins}: on the {data_size} px pictures each location cell would be "
+                              f"{data_size // bins} px; use --bins {data_size // 8} or fewer")
     t_start = time.perf_counter()
     out = Path(out)
     _prepare_out(out)

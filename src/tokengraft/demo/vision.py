@@ -25,7 +25,7 @@ def pretrain_tower(model, processor, steps: int, bins: int, seed: int = 0, batch
     import numpy as np
     import torch
 
-    from .data import photos, scene
+    from .data import bins_of, photos, scene
 
     tower = model.model.vision_tower
     size = processor.image_processor.crop_size["height"]
@@ -39,7 +39,7 @@ def pretrain_tower(model, processor, steps: int, bins: int, seed: int = 0, batch
         for _ in range(batch_size):
             img, _, box = scene(rng, pics, size, max_shapes=1, grid=bins)
             xs.append((torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1) - mean) / std)
-            ys.append([min(bins - 1, int(v * bins / size)) for v in box])
+            ys.append(bins_of(box, size, bins))
         return torch.stack(xs), torch.tensor(ys)
 
     def tokens(x):  # what the LLaVA feeds its projector: the chosen layer, without the class token
@@ -49,7 +49,7 @@ def pretrain_tower(model, processor, steps: int, bins: int, seed: int = 0, batch
     head = torch.nn.Linear(tower.config.hidden_size, 4 * bins)
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
     tower.train()
-    hits, t0 = [], time.perf_counter()
+    hits, recent, t0 = [], 0.0, time.perf_counter()
     for step in range(1, steps + 1):
         x, y = batch()
         logits = head(tokens(x)).view(x.shape[0], -1, 4, bins)
@@ -59,9 +59,10 @@ def pretrain_tower(model, processor, steps: int, bins: int, seed: int = 0, batch
         loss.backward()
         opt.step()
         hits.append(float((logits.mean(1).argmax(-1) == y).all(-1).float().mean()))
+        recent = sum(hits[-50:]) / len(hits[-50:])
         if step % max(1, steps // 4) == 0 or step == steps:
             log(f"vision pretraining step {step}/{steps}: loss {loss.item():.3f}, "
-                f"box right {sum(hits[-50:]) / len(hits[-50:]):.0%} ({time.perf_counter() - t0:.0f} s)")
+                f"box right {recent:.0%} ({time.perf_counter() - t0:.0f} s)")
     tower.eval()
     proj = model.model.multi_modal_projector
     with torch.no_grad():
@@ -73,4 +74,4 @@ def pretrain_tower(model, processor, steps: int, bins: int, seed: int = 0, batch
         scale = model.get_input_embeddings().weight.norm(dim=-1).mean() / proj(tokens(x)).norm(dim=-1).mean()
         proj.linear_2.weight.mul_(scale)
         proj.linear_2.bias.mul_(scale)
-    return sum(hits[-50:]) / max(1, len(hits[-50:]))
+    return recent
