@@ -22,25 +22,22 @@ def pretrain_tower(model, processor, steps: int, bins: int, seed: int = 0, batch
     box on, and `tokengraft train` teaches it and the new rows to put it into words. Returns the
     last 50 steps' box accuracy on the training pictures (fresh ones each step; a different seed
     from the dataset's)."""
-    import numpy as np
     import torch
 
     from .data import bins_of, photos, scene
 
     tower = model.model.vision_tower
     size = processor.image_processor.crop_size["height"]
-    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
-    std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
     pics, rng = photos(size), random.Random(10_000 + seed)
     torch.manual_seed(seed)
 
-    def batch():
-        xs, ys = [], []
+    def batch():  # fresh pictures, through the LLaVA's own image processor
+        imgs, ys = [], []
         for _ in range(batch_size):
             img, _, box = scene(rng, pics, size, max_shapes=1, grid=bins)
-            xs.append((torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1) - mean) / std)
+            imgs.append(img)
             ys.append(bins_of(box, size, bins))
-        return torch.stack(xs), torch.tensor(ys)
+        return processor.image_processor(imgs, return_tensors="pt")["pixel_values"], torch.tensor(ys)
 
     def tokens(x):  # what the LLaVA feeds its projector: the chosen layer, without the class token
         hs = tower(x, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
