@@ -6,10 +6,10 @@ in ``outdir.py``.
 """
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
+from .files import read_index, read_json
 from .manifest import Manifest
 from .outdir import FolderError, atomic_folder
 
@@ -17,19 +17,9 @@ from .outdir import FolderError, atomic_folder
 
 def read_config(path) -> dict:
     p = Path(path) / "config.json"
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FolderError(f"{path}: no config.json; expected a Hugging Face model folder "
-                          f"(save one with model.save_pretrained(DIR))") from None
-    except json.JSONDecodeError as e:
-        raise FolderError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise FolderError(f"{p}: not UTF-8 text; expected a JSON config") from None
-    if not isinstance(cfg, dict):
-        raise FolderError(f"{p}: expected a JSON object (model_type, vocab_size, ...), "
-                          f"found {type(cfg).__name__}")
-    return cfg
+    return read_json(p, "a JSON model config (model_type, vocab_size, ...)", error=FolderError, kind=dict,
+                     missing=f"{path}: no config.json; expected a Hugging Face model folder "
+                             f"(save one with model.save_pretrained(DIR))")
 
 
 def is_llava(config: dict) -> bool:
@@ -98,10 +88,7 @@ def check_rows_match(path, cfg: dict) -> None:
         return
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise FolderError(f"{index}: not a valid safetensors index (no weight_map)") from None
+        shards = sorted(set(read_index(index, error=FolderError).values()))
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:

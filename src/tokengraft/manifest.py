@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from .errors import TokengraftError
+from .files import read_json
 
 SCHEMA_VERSION = 1
 FILENAME = "tokengraft.json"
@@ -96,12 +97,8 @@ class Manifest:
         p = Path(path)
         if p.is_dir():
             p = p / FILENAME
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ManifestError(f"{p}: no manifest here; create one with `tokengraft add`") from None
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        d = read_json(p, "a tokengraft manifest (tokengraft.json)", error=ManifestError, kind=dict,
+                      missing=f"{p}: no manifest here; create one with `tokengraft add`")
         return cls.from_dict(d, where=str(p))
 
     @classmethod

@@ -23,11 +23,12 @@ unpickler: nothing from the file runs.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
+
+from .files import read_json
 
 log = logging.getLogger("tokengraft.xtuner_helper")
 
@@ -41,9 +42,9 @@ def token_strings(tokenizer_dir) -> list:
     path = Path(tokenizer_dir)
     path = path if path.suffix == ".json" else path / "tokenizer.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, "a tokenizer.json", error=TokenIdentityError, kind=dict)
         vocab = data["model"]["vocab"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise TokenIdentityError(f"{path}: cannot read a tokenizer.json vocabulary ({e})") from None
     by_id: dict[int, str] = {}
     if isinstance(vocab, dict):  # BPE / WordLevel / WordPiece: piece -> id

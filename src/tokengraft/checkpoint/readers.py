@@ -12,12 +12,12 @@ No code from any file runs: safetensors, or :func:`safe_pickle.safe_load`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..files import read_index, read_json
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
 from .errors import CheckpointError
@@ -126,10 +126,7 @@ def _tokenizer_dir(folder: Path) -> Path | None:
 
 
 def _read_json(p: Path) -> dict:
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return read_json(p, "a JSON object", error=CheckpointError, kind=dict)
 
 
 def _open_folder(folder: Path) -> Checkpoint:
@@ -162,10 +159,7 @@ def _open_folder(folder: Path) -> Checkpoint:
             info.notes.append("optimizer.pt: torch optimizer state (moments remapped with the weights)")
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index_name).is_file():
-            idx = _read_json(folder / index_name)
-            wm = idx.get("weight_map")
-            if not isinstance(wm, dict) or not wm:
-                raise CheckpointError(f"{folder / index_name}: no 'weight_map'; the index is corrupt")
+            wm = read_index(folder / index_name, error=CheckpointError)
             files = sorted(set(wm.values()))
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:

@@ -38,7 +38,7 @@ class JsonTokenizer:
 def light_tokenizer(folder: Path):
     """A JsonTokenizer when ``tokenizer.json`` alone says everything, else None (use transformers):
     every added token the tokenizer config declares must sit at its id in tokenizer.json."""
-    import json
+    from ..files import read_json
 
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
@@ -48,7 +48,7 @@ def light_tokenizer(folder: Path):
 
         tk = Tokenizer.from_file(str(path))
         cfg_path = Path(folder) / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path, "a tokenizer_config.json", kind=dict) if cfg_path.is_file() else {}
     except Exception:  # anything unusual: let transformers handle (or report) it
         return None
     for i, t in (cfg.get("added_tokens_decoder") or {}).items():

@@ -2,10 +2,10 @@
 tokengraft.json), or a tokengraft.json alone (then the checkpoint's own tokenizer + its tokens)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import read_json
 from ..hf import config_rows
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
@@ -57,7 +57,7 @@ def load_target(target, source_vocab_hint=None) -> Target:
         raise CheckpointError(f"target {e}; the target must be a folder with tokenizer files") from None
     config = None
     if (p / "config.json").is_file():
-        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        config = read_json(p / "config.json", "a JSON model config", error=CheckpointError, kind=dict)
     manifest = Manifest.find(p)
     rows = config_rows(config) or (manifest.rows if manifest else None)
     return Target(p, vocab_of(tok), rows, tok, manifest, config)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from ..errors import TokengraftError
+from ..files import read_json
 from ._common import add_dtype, add_max_shard_size, add_output, add_overwrite, check_inputs
 
 DESCRIPTION = """\
@@ -80,8 +81,8 @@ def run_bases(source) -> list[str]:
         return bases
     for f in [p / "run.json", *sorted(p.glob("checkpoint-*/run.json"))]:
         try:
-            base = json.loads(f.read_text(encoding="utf-8")).get("base_model")
-        except (OSError, ValueError, AttributeError):
+            base = read_json(f, "a training run's run.json").get("base_model")
+        except (TokengraftError, AttributeError):
             continue  # export itself reports an unreadable run.json
         if isinstance(base, str) and base and base not in bases:
             bases.append(base)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import read_json
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
 from ..probe import kl_of_rows  # the project's one KL (on init.kl_of_added)
@@ -50,13 +51,11 @@ def kl_findings(model, tokenizer, manifest: Manifest | None, where: str = "model
 def load_for_kl(path):
     """(model, tokenizer, manifest) of a folder, loaded without running any of its code. A
     vision-language folder loads as image-text-to-text; weights only through safe loaders."""
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(path)
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json(folder / "config.json", "a JSON model config", kind=dict)
         auto = AutoModelForCausalLM
         if isinstance(cfg.get("vision_config"), dict):
             from transformers import AutoModelForImageTextToText as auto

@@ -8,13 +8,13 @@ unpickler.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
+from ..files import FileError, read_json
 from ..hf import text_configs
 from ..internlm2.config import is_internlm2
 from ..manifest import Manifest, ManifestError
@@ -146,15 +146,10 @@ def _read_json(path: Path, sub: Subject, code: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        sub.findings.append(Finding("error", code, f"{path}: not valid JSON ({e}); restore it from the source checkpoint"))
+        return read_json(path, "a JSON object", kind=dict)
+    except FileError as e:
+        sub.findings.append(Finding("error", code, f"{e}; restore it from the source checkpoint"))
         return None
-    if not isinstance(d, dict):
-        sub.findings.append(Finding("error", code, f"{path}: holds a JSON {type(d).__name__}, not an object; "
-                                                   f"restore it from the source checkpoint"))
-        return None
-    return d
 
 
 def _find_key(keys, preferred: tuple[str, ...], suffixes: tuple[str, ...]) -> str | None:

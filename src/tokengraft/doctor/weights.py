@@ -7,10 +7,11 @@ Either way doctor sees the same small interface: keys, shape, dtype, rows(key, a
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from ..files import read_index
 
 ST_INDEX, ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -22,9 +23,7 @@ class WeightsMissing(Exception):
 
 def _shards(folder: Path, index: str) -> dict[str, str]:
     """key -> shard file, from an index (a JSON error propagates to the caller's finding)."""
-    wm = json.loads((folder / index).read_text(encoding="utf-8")).get("weight_map")
-    if not isinstance(wm, dict) or not wm:
-        raise ValueError(f"{index} has no weight_map")
+    wm = read_index(folder / index)
     for f in sorted(set(wm.values())):
         if not (folder / f).is_file():
             raise WeightsMissing(f"{folder / f}: shard named in {index} is missing; copy the complete checkpoint")

@@ -8,11 +8,11 @@ trained (``run.json``) and holds them, so the fix is always to export the run it
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ..files import read_json
 from ..hf import is_tied
 from ..manifest import Manifest
 from ..vocab import fingerprint, vocab_of
@@ -46,7 +46,7 @@ def carried_token_ids(adapter, head_name: str = "lm_head") -> dict[str, set[int]
     ``trainable_token_indices`` (a list: the input embedding, and a tied head with it; or a
     {module: ids} mapping), provided its weights hold ``trainable_tokens_delta`` tensors."""
     a = Path(adapter)
-    cfg = json.loads((a / "adapter_config.json").read_text(encoding="utf-8"))
+    cfg = read_json(a / "adapter_config.json", "a PEFT adapter_config.json", error=ExportError, kind=dict)
     idx = cfg.get("trainable_token_indices")
     if not idx:
         return {}
@@ -73,10 +73,8 @@ def check_rows_carried(model, tokenizer, adapter, base=None) -> None:
     run = next((d for d in (a, a.parent) if (d / RUN_FILE).is_file()), None)
     if run is None:
         return
-    try:
-        info = json.loads((run / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{run / RUN_FILE}: unreadable ({e}); export the run folder {run} instead") from None
+    info = read_json(run / RUN_FILE, f"a training run's {RUN_FILE} (export the run folder {run} instead)",
+                     error=ExportError, kind=dict)
     trained = [t for t in info.get("new_tokens", []) if isinstance(t, str)]
     if not trained:
         return

@@ -18,7 +18,7 @@ def is_internlm2(config: dict | None) -> bool:
 def is_internlm2_folder(folder) -> bool:
     """A raw InternLM2 folder: its config.json says internlm2, or (a tokenizer-only folder) its
     tokenizer_config.json names InternLM2's tokenizer class. Unreadable files mean no."""
-    import json
+    from ..files import read_json
     from pathlib import Path
 
     tests = (("config.json", is_internlm2),
@@ -26,9 +26,9 @@ def is_internlm2_folder(folder) -> bool:
     for name, test in tests:
         f = Path(folder) / name
         try:
-            if f.is_file() and test(json.loads(f.read_text(encoding="utf-8"))):
+            if f.is_file() and test(read_json(f, "a JSON config", kind=dict)):
                 return True
-        except (OSError, ValueError, AttributeError):
+        except (TokengraftError, AttributeError):  # unreadable: not recognised here, reported by its reader
             continue
     return False
 

@@ -2,12 +2,12 @@
 ways, and reading an InternLM2 folder's weight files without running anything from them."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from .. import files as user_files
 from .config import InternLM2Error, _dims
 
 # -- tensors: the two key layouts -----------------------------------------------------------------
@@ -102,10 +102,7 @@ def from_llama(state_dict: dict, cfg: dict) -> dict:
 # -- files ----------------------------------------------------------------------------------------
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InternLM2Error(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return user_files.read_json(path, "a JSON object", error=InternLM2Error, kind=dict)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -113,7 +110,7 @@ def weight_files(folder: Path) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index).is_file():
-            files = sorted(set(read_json(folder / index).get("weight_map", {}).values()))
+            files = sorted(set(user_files.read_index(folder / index, error=InternLM2Error).values()))
             return [folder / f for f in files]
         if (folder / single).is_file():
             return [folder / single]

@@ -8,14 +8,15 @@ never cuts an image: a sample whose image would not fit is dropped (and the pre-
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from ..errors import TokengraftError
+from ..files import parse_json, read_text
 
 IGNORE = -100
+DATA_LIMIT = 8 << 30  # bytes; LLaVA-665k is ~1 GB of JSON
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE = "<image>"
 
@@ -29,23 +30,15 @@ class DataError(TokengraftError):
 def load_records(path) -> list[dict]:
     """Records from a LLaVA JSON list or JSONL file, checked for the fields training needs."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{p}: data file not found") from None
+    what = "LLaVA records (a JSON list or JSONL)"
+    text = read_text(p, what, error=DataError, limit=DATA_LIMIT, missing=f"{p}: data file not found")
     recs: list = []
     if text.lstrip().startswith("["):
-        try:
-            recs = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        recs = parse_json(text, str(p), what, error=DataError)
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{n}: not valid JSON ({e.msg}); expected one record per line") from None
+                recs.append(parse_json(line, f"{p}:{n}", "one record per line", error=DataError))
     for i, r in enumerate(recs):
         conv = r.get("conversations") if isinstance(r, dict) else None
         if not isinstance(conv, list) or not conv:

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint.safetensors import SafetensorsFile
+from ..files import read_json
 from ..manifest import Manifest
 from .adapter import ADAPTER_DIR, ADAPTER_FILE, adapter_folder, lora_weights, save_adapter
 from ..vocab import RowMap, fingerprint, vocab_of
@@ -69,13 +70,9 @@ class RunInfo:
     @classmethod
     def load(cls, folder) -> "RunInfo":
         p = Path(folder) / RUN_FILE
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RunError(f"{folder}: no {RUN_FILE}; expected a tokengraft training run folder or one of "
-                           f"its checkpoint-N folders (made by `tokengraft train`)") from None
-        except json.JSONDecodeError as e:
-            raise RunError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        d = read_json(p, f"a training run's {RUN_FILE}", error=RunError, kind=dict,
+                      missing=f"{folder}: no {RUN_FILE}; expected a tokengraft training run folder or one "
+                              f"of its checkpoint-N folders (made by `tokengraft train`)")
         if d.get("schema_version", 0) > RUN_SCHEMA:
             raise RunError(f"{p}: written by a newer tokengraft (schema {d['schema_version']}); upgrade tokengraft")
         try:

@@ -21,12 +21,12 @@ scheduler, mode rows); everything else is refused in one line before anything is
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from ..files import read_json
 from .config import TrainError
 
 STAGE = 3
@@ -40,16 +40,7 @@ BATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumul
 def read_config(path) -> dict:
     """The DeepSpeed JSON, checked against what this module verified; one-line errors otherwise."""
     p = Path(path)
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TrainError(f"deepspeed {p}: no such file (--deepspeed)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TrainError(f"deepspeed {p}: cannot read it ({e}) (--deepspeed)") from None
-    except json.JSONDecodeError as e:
-        raise TrainError(f"deepspeed {p}: not valid JSON ({e.msg}, line {e.lineno}) (--deepspeed)") from None
-    if not isinstance(d, dict):
-        raise TrainError(f"deepspeed {p}: expected a JSON object (a DeepSpeed config) (--deepspeed)")
+    d = read_json(p, "a DeepSpeed JSON config (--deepspeed)", error=TrainError, kind=dict)
     zero = d.get("zero_optimization")
     stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage != STAGE:
