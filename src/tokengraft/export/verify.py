@@ -44,8 +44,13 @@ class VerifyReport:
 
 
 class VerifyError(ExportError):
+    """The export was written to a temporary folder and failed its check: nothing put in place (exit 1)."""
+
+    exit_code = 1
+
     def __init__(self, report: VerifyReport):
         self.report = report
+        self.details = tuple(report.lines())  # the measurements, printed before the error line
         super().__init__("verification failed, nothing written: " + "; ".join(report.problems))
 
 
