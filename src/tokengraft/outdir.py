@@ -8,6 +8,9 @@ follow the process umask like ``save_pretrained``. Depends on the standard libra
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import os
 import re
 import shutil
@@ -160,14 +163,18 @@ def _ordinary_modes(tmp: Path) -> None:
 
 @contextlib.contextmanager
 def signal_raises(signum, make_exc):
-    """While the block runs, signal ``signum`` raises ``make_exc()`` (main thread only: elsewhere
-    Python cannot install handlers, and the block runs unchanged); the old handler comes back after."""
-    if threading.current_thread() is not threading.main_thread():
+    """While the block runs, signal ``signum`` raises ``make_exc()`` (or, when that returns None, only
+    runs it: a flag checked later); afterwards exactly the handler found before is back. A signal the
+    parent set to ignored stays ignored (POSIX: a background job started by a script ignores SIGINT),
+    and outside the main thread Python cannot install handlers: there the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signum) is signal.SIG_IGN:
         yield
         return
 
     def handler(signum, frame):
-        raise make_exc()
+        exc = make_exc()
+        if exc is not None:
+            raise exc
 
     old = signal.signal(signum, handler)
     try:
@@ -181,29 +188,100 @@ def _sigterm_raises():
     return signal_raises(signal.SIGTERM, Terminated)
 
 
+def _identity(path: Path):
+    """(device, inode) of an existing folder, else None: what --overwrite checked at the start."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on ``folder`` (flock on its descriptor) while the block runs: two tokengraft
+    commands putting outputs into one folder take their final step one after the other."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src, dst) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist (FileExistsError otherwise): Linux's
+    renameat2(RENAME_NOREPLACE), one atomic step; where the system or file system lacks it, a file
+    is hard-linked into place (also refuses an existing name) and a folder is renamed after a check
+    (callers hold :func:`_locked`, so no tokengraft process slips in between)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        if fn(-100, os.fsencode(src), -100, os.fsencode(dst), _RENAME_NOREPLACE) == 0:  # -100: AT_FDCWD
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.isdir(src):
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+        os.rename(src, dst)
+    else:
+        os.link(src, dst)
+        os.unlink(src)
+
+
+def _appeared(out: Path) -> FolderError:
+    return FolderError(f"{out}: appeared or changed while this command worked (another process wrote it); "
+                       f"it was left untouched and nothing was written: remove it yourself or choose "
+                       f"another output path")
+
+
+def _put_in_place(tmp: Path, out: Path, overwrite: bool, seen) -> None:
+    """The final step, under the parent folder's lock: ``tmp`` becomes ``out`` only if ``out`` is
+    still free (absent or an empty folder) or, with --overwrite, still the tokengraft folder checked
+    at the start (``seen``: its identity). Whatever appeared meanwhile is never replaced or removed."""
+    with _locked(out.parent):
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            with contextlib.suppress(OSError):
+                os.rmdir(out)  # an empty folder counts as free; one filled meanwhile stays
+        if not os.path.lexists(out):
+            try:
+                rename_noreplace(tmp, out)
+            except FileExistsError:
+                raise _appeared(out) from None
+            return
+        if not (overwrite and seen is not None and _identity(out) == seen and written_by_tokengraft(out)):
+            raise _appeared(out)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+        os.rename(out, old / "x")
+        try:
+            rename_noreplace(tmp, out)
+        except BaseException:
+            os.rename(old / "x", out)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out, overwrite: bool = False, inputs: dict | None = None):
     """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error, Ctrl-C or
-    SIGTERM it vanishes. ``check_output`` is applied first (``inputs``: see there)."""
+    SIGTERM it vanishes. ``check_output`` is applied first (``inputs``: see there) and again, under
+    a lock, at the final rename: a folder another process put at ``out`` meanwhile is never touched
+    (FolderError), so of two commands writing one output exactly one succeeds."""
     out = check_output(out, inputs, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out)
+    seen = _identity(out) if out.is_dir() and any(out.iterdir()) else None
     with _sigterm_raises():
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         try:
             yield tmp
             _ordinary_modes(tmp)
-            if out.is_dir():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-                os.rename(out, old / "x")
-                try:
-                    os.rename(tmp, out)
-                except BaseException:
-                    os.rename(old / "x", out)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, out)
+            _put_in_place(tmp, out, overwrite, seen)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -212,8 +290,9 @@ def atomic_folder(out, overwrite: bool = False, inputs: dict | None = None):
 @contextlib.contextmanager
 def atomic_file(out):
     """Yield a temporary sibling path for the file ``out``: on success it is renamed onto ``out``
-    with the umask's mode (mkstemp makes 0600); on error, Ctrl-C or SIGTERM it is removed; the
-    temporaries of a killed run for the same output are swept first."""
+    with the umask's mode (mkstemp makes 0600), never onto a file that exists by then (one another
+    process wrote meanwhile stays, and this raises FolderError); on error, Ctrl-C or SIGTERM it is
+    removed; the temporaries of a killed run for the same output are swept first."""
     out = Path(out)
     sweep_stale(out)
     with _sigterm_raises():
@@ -222,7 +301,10 @@ def atomic_file(out):
         try:
             yield Path(tmp)
             os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, out)
+            try:
+                rename_noreplace(tmp, out)
+            except FileExistsError:
+                raise _appeared(out) from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
