@@ -5,6 +5,8 @@ import argparse
 import dataclasses
 import typing
 
+from ._common import number
+
 HELP = {  # config key -> (metavar, help)
     "model": ("DIR", "base model folder: a causal LM or a LLaVA (with its processor)"),
     "data": ("FILE", "training data, LLaVA JSON or JSONL (id, image, conversations[from, value])"),
@@ -104,13 +106,8 @@ EXIT STATUS
   0 success; 2 bad input or a pre-flight problem (one line on stderr)."""
 
 
-def _base_type(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
 def register(sub, name):
-    from ..train.config import TrainConfig
+    from ..train.config import RANGES, TrainConfig, base_type
 
     p = sub.add_parser(name, help="fine-tune with new tokens (rows | lora | full), checkpoints, resume",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -122,7 +119,7 @@ def register(sub, name):
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         metavar, text = HELP.get(f.name, (None, f.name))
-        tp = _base_type(hints[f.name])
+        tp = base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f"{text} (default: {default})" if default not in (None, "", False) else text
         if f.name == "resume":
@@ -130,7 +127,9 @@ def register(sub, name):
         elif tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif tp in (int, float):
-            p.add_argument(flag, type=tp, default=argparse.SUPPRESS, metavar=metavar, help=text)
+            lo, hi, above = RANGES[f.name]
+            p.add_argument(flag, type=number(tp, lo, hi, above=above, key=f.name), default=argparse.SUPPRESS,
+                           metavar=metavar, help=text)
         else:
             p.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=text)
     return p
@@ -177,8 +176,14 @@ def run(args) -> int:
     cfg = config_from_args(args)
     try:
         train(cfg)
-    except KeyboardInterrupt:
-        print(f"tokengraft train: {interrupted(cfg.output_dir)}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM at a step boundary (outdir.Terminated)
+        from ..outdir import Terminated
+
+        msg = interrupted(cfg.output_dir)
+        if isinstance(e, Terminated):
+            print(f"tokengraft train: terminated (SIGTERM){msg[len('interrupted'):]}", file=sys.stderr)
+            return 143
+        print(f"tokengraft train: {msg}", file=sys.stderr)
         return 130
     return 0
 

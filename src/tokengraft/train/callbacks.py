@@ -8,7 +8,7 @@ import signal
 import torch
 from transformers import TrainerCallback
 
-from ..outdir import signal_raises
+from ..outdir import Terminated, signal_raises
 from .metrics import MetricsWriter
 from .resume import remap_moments
 
@@ -49,32 +49,40 @@ class RemapMoments(TrainerCallback):
 
 
 class CtrlC(TrainerCallback):
-    """Ctrl-C ends the run even when Python loses the first KeyboardInterrupt (one raised while a
-    ``__del__`` or a weakref callback runs is printed as "Exception ignored" and dropped): the SIGINT
-    handler installed by :func:`on_ctrl_c` also sets a flag that every step boundary checks."""
+    """Ctrl-C and SIGTERM end the run at a step boundary. Ctrl-C raises at once as usual, but Python
+    loses a KeyboardInterrupt raised while a ``__del__`` or a weakref callback runs (printed as
+    "Exception ignored" and dropped), so the handler installed by :func:`on_ctrl_c` also records it,
+    and every step boundary raises what was recorded. SIGTERM is only recorded: the run stops after
+    the step in progress (as :class:`~tokengraft.outdir.Terminated`), its checkpoints intact."""
 
-    hit = False
+    hit = None  # the exception class to raise at the next step boundary
 
     def on_substep_end(self, args, state, control, **kw):
-        if CtrlC.hit:
-            raise KeyboardInterrupt
+        if CtrlC.hit is not None:
+            raise CtrlC.hit()
 
     on_step_end = on_substep_end
 
 
 @contextlib.contextmanager
 def on_ctrl_c():
-    """SIGINT raises KeyboardInterrupt as usual and flags :class:`CtrlC` (main thread only)."""
+    """While training: SIGINT raises KeyboardInterrupt and is recorded, SIGTERM is recorded (main
+    thread only; a signal the parent ignored stays ignored). Exactly the handlers found before come
+    back afterwards."""
     def interrupt():
-        CtrlC.hit = True
+        CtrlC.hit = KeyboardInterrupt
         return KeyboardInterrupt()
 
-    CtrlC.hit = False
+    def terminate():
+        CtrlC.hit = CtrlC.hit or Terminated
+        return None
+
+    CtrlC.hit = None
     try:
-        with signal_raises(signal.SIGINT, interrupt):
+        with signal_raises(signal.SIGINT, interrupt), signal_raises(signal.SIGTERM, terminate):
             yield
     finally:
-        CtrlC.hit = False
+        CtrlC.hit = None
 
 
 class StopAfter(TrainerCallback):
