@@ -2,9 +2,11 @@
 
 Hostile files are built by hand (zipfile + pickle) the way an attacker would: a deflate bomb,
 views larger than their storage, negative offsets/sizes/strides, storages shorter than declared.
-The write-back test uses real numpy objects and a custom class from a module that only the
-reference processes can import: safe_load -> safe_save runs without it and must still produce a
-file that ``torch.load`` rebuilds into objects equal to the original.
+The write-back test uses real numpy objects and stand-ins for the mmengine/DeepSpeed records real
+checkpoints hold, defined at those libraries' real module paths in a package only the reference
+processes can import: safe_load -> safe_save runs without it and must still produce a file that
+``torch.load`` rebuilds into objects equal to the original. Globals outside the allowlist of inert
+ones (a custom class, builtins.getattr of a bound classmethod) are refused in one line.
 """
 from __future__ import annotations
 
@@ -252,76 +254,89 @@ def test_an_honestly_compressed_file_still_loads(tmp_path):
 
 # ---------------------------------------------------------------- write back what was read
 
-HELPER_MODULE = textwrap.dedent('''
-    """Stand-ins for what mmengine/XTuner pickle into message_hub (never imported by tokengraft)."""
-    import enum
-    import numpy as np
+# stand-ins at the real module paths of what mmengine/XTuner/DeepSpeed pickle (the same pickle
+# opcodes: NEWOBJ + BUILD(__dict__), SETITEMS + BUILD on a dict subclass, __getstate__/__setstate__,
+# an enum REDUCE (cls, (value,)), a namedtuple); never imported by tokengraft
+HELPER_FILES = {
+    "mmengine/__init__.py": "", "mmengine/logging/__init__.py": "", "mmengine/config/__init__.py": "",
+    "deepspeed/__init__.py": "", "deepspeed/runtime/__init__.py": "", "deepspeed/runtime/zero/__init__.py": "",
+    "deepspeed/runtime/fp16/__init__.py": "", "deepspeed/utils/__init__.py": "",
+    "mmengine/logging/history_buffer.py": '''
+import numpy as np
 
 
-    class HistoryBuffer:                      # plain object: NEWOBJ + BUILD(__dict__)
-        def __init__(self, values=(), counts=()):
-            self._log_history = np.array(values, dtype=np.float64)
-            self._count_history = np.array(counts, dtype=np.int64)
-            self.max_length = 1000000
+class HistoryBuffer:
+    def __init__(self, values=(), counts=()):
+        self._log_history = np.array(values, dtype=np.float64)
+        self._count_history = np.array(counts, dtype=np.int64)
+        self.max_length = 1000000
+''',
+    "mmengine/config/config.py": '''
+class ConfigDict(dict):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.title = "t"
+''',
+    "deepspeed/runtime/fp16/loss_scaler.py": '''
+class LossScaler:
+    def __init__(self, x):
+        self.x = x
+
+    def __getstate__(self):
+        return {"packed": [self.x, self.x * 2]}
+
+    def __setstate__(self, state):
+        self.x = state["packed"][0]
+        self.restored = True
+''',
+    "deepspeed/runtime/zero/config.py": '''
+import enum
 
 
-    class WithState:                          # __getstate__/__setstate__
-        def __init__(self, x):
-            self.x = x
+class ZeroStageEnum(int, enum.Enum):
+    gradients = 2
+''',
+    "deepspeed/utils/tensor_fragment.py": '''
+import collections
+fragment_address = collections.namedtuple("fragment_address", ["numel", "start"])
+''',
+    "tgtest_helpers.py": '''
+class FromParts:                          # REDUCE whose callable is a bound classmethod (builtins.getattr)
+    def __init__(self, a, b):
+        self.a, self.b = a, b
 
-        def __getstate__(self):
-            return {"packed": [self.x, self.x * 2]}
+    @classmethod
+    def make(cls, a, b):
+        return cls(a, b)
 
-        def __setstate__(self, state):
-            self.x = state["packed"][0]
-            self.restored = True
-
-
-    class Bag(list):                          # APPENDS on a custom class
-        pass
-
-
-    class Table(dict):                        # SETITEMS on a custom class
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.title = "t"
-
-
-    class Mode(enum.Enum):                    # REDUCE with (cls, (value,))
-        TRAIN = "train"
-
-
-    class FromParts:                          # REDUCE whose callable is a bound classmethod
-        def __init__(self, a, b):
-            self.a, self.b = a, b
-
-        @classmethod
-        def make(cls, a, b):
-            return cls(a, b)
-
-        def __reduce__(self):
-            return (FromParts.make, (self.a, self.b))
-''')
+    def __reduce__(self):
+        return (FromParts.make, (self.a, self.b))
+''',
+}
 
 BUILD = textwrap.dedent('''
     import collections, datetime, sys
     import numpy as np, torch
-    import tgtest_helpers as h
+    from mmengine.logging.history_buffer import HistoryBuffer
+    from mmengine.config.config import ConfigDict
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
     w = torch.randn(7, 4)
     obj = {
-        "meta": {"iter": 4, "time": datetime.datetime(2026, 11, 28, 18, 0, 0), "mode": h.Mode.TRAIN,
-                 "cfg": "model = dict(type='LLaVAModel')", "dtype": np.dtype("float32")},
+        "meta": {"iter": 4, "time": datetime.datetime(2026, 11, 28, 18, 0, 0), "stage": ZeroStageEnum.gradients,
+                 "cfg": "model = dict(type='LLaVAModel')", "dtype": np.dtype("float32"), "blob": b"bytes"},
         "state_dict": collections.OrderedDict([("llm.embed.weight", w), ("llm.lm_head.weight", w),
                                                ("half", torch.ones(3, dtype=torch.bfloat16)),
                                                ("t", w.t()), ("row", w[2])]),
         "message_hub": {
-            "log_scalars": {"train/loss": h.HistoryBuffer([1.5, 1.25], [1, 1])},
+            "log_scalars": {"train/loss": HistoryBuffer([1.5, 1.25], [1, 1])},
             "runtime_info": {"iter": np.int64(4), "lr": np.float64(1e-3), "flag": np.bool_(True),
                              "arr": np.arange(6, dtype=np.float32).reshape(2, 3)},
             "resumed_keys": collections.OrderedDict(iter=True),
         },
-        "other": [h.WithState(3), h.Bag([1, "two", np.float32(3.0)]), h.Table(a=1, b=[2]),
-                  h.FromParts(5, "six"), collections.defaultdict(list, {"k": [1]}),
+        "other": [LossScaler(3), [1, "two", np.float32(3.0)], ConfigDict(a=1, b=[2]),
+                  fragment_address(5, 6), collections.defaultdict(list, {"k": [1]}),
                   {1, 2}, frozenset({3}), (1, (2, 3)), b"bytes", None, 1.5],
     }
     obj["alias"] = obj["message_hub"]["log_scalars"]["train/loss"]  # shared reference
@@ -361,15 +376,16 @@ COMPARE = textwrap.dedent('''
     # shared storage and shared objects survive the round trip
     assert sd["llm.embed.weight"].data_ptr() == sd["llm.lm_head.weight"].data_ptr() == sd["t"].data_ptr()
     assert out["alias"] is out["message_hub"]["log_scalars"]["train/loss"]
-    assert out["other"][0].restored and type(out["other"][1]).__name__ == "Bag"
+    assert out["other"][0].restored and type(out["other"][2]).__name__ == "ConfigDict"
     print("SAME")
 ''')
 
 
 def _helper_env(tmp_path):
     helpers = tmp_path / "helpers"
-    helpers.mkdir()
-    (helpers / "tgtest_helpers.py").write_text(HELPER_MODULE)
+    for rel, text in HELPER_FILES.items():
+        (helpers / rel).parent.mkdir(parents=True, exist_ok=True)
+        (helpers / rel).write_text(text)
     return helpers
 
 
@@ -389,21 +405,21 @@ def test_safe_save_writes_back_the_same_objects(tmp_path):
     assert r.returncode == 0, r.stderr
     before = src.read_bytes()
 
-    # here the helper module is not importable: everything custom stays inert and is written back
-    assert "tgtest_helpers" not in sys.modules
+    # here the stand-ins are not importable: everything custom stays inert and is written back
+    before_modules = set(sys.modules)
     obj = safe_load(src)
-    assert repr(obj["message_hub"]["log_scalars"]["train/loss"]) == "<inert tgtest_helpers.HistoryBuffer>"
+    assert repr(obj["message_hub"]["log_scalars"]["train/loss"]) == "<inert mmengine.logging.history_buffer.HistoryBuffer>"
     assert obj["alias"] is obj["message_hub"]["log_scalars"]["train/loss"]
     safe_save(obj, out)
-    assert "tgtest_helpers" not in sys.modules
+    assert not {m for m in set(sys.modules) - before_modules if m.split(".")[0] in ("mmengine", "deepspeed")}
     assert src.read_bytes() == before  # the input is untouched
 
     r = _run_with_helpers(helpers, COMPARE, src, out)
     assert r.returncode == 0 and "SAME" in r.stdout, r.stderr[-3000:]
     # the comparison can fail: an edited tree is noticed
     obj["message_hub"]["runtime_info"]["iter"].args = obj["message_hub"]["runtime_info"]["lr"].args
-    safe_save(obj, out)
-    r = _run_with_helpers(helpers, COMPARE, src, out)
+    safe_save(obj, tmp_path / "edited.pth")
+    r = _run_with_helpers(helpers, COMPARE, src, tmp_path / "edited.pth")
     assert r.returncode != 0 and "AssertionError" in r.stderr
 
 
@@ -442,3 +458,20 @@ def test_write_back_refuses_globals_that_run_code(tmp_path):
         assert "refusing to write back" in msg and ("system" in msg or "open" in msg), msg
         assert not hit.exists() and not (tmp_path / "evil_out.pt").exists()
         assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_write_back_refuses_what_is_not_known_to_be_inert(tmp_path):
+    """A custom class, or a bound classmethod (pickled as builtins.getattr(cls, name)), is not on the
+    allowlist: one line naming the global, no output, nothing imported."""
+    helpers = _helper_env(tmp_path)
+    script = ("import sys, torch\nimport tgtest_helpers as h\n"
+              "torch.save({'w': torch.ones(2), 'x': h.FromParts(5, 'six')}, sys.argv[1])\n")
+    r = _run_with_helpers(helpers, script, tmp_path / "parts.pt")
+    assert r.returncode == 0, r.stderr
+    obj = safe_load(tmp_path / "parts.pt")
+    msg = one_line_error(lambda: safe_save(obj, tmp_path / "out.pt"))
+    assert "refusing to write back builtins.getattr" in msg, msg
+    obj["x"] = obj["x"].func.args[0]  # the class itself: an unknown global
+    msg = one_line_error(lambda: safe_save(obj, tmp_path / "out.pt"))
+    assert "refusing to write back tgtest_helpers.FromParts" in msg, msg
+    assert not (tmp_path / "out.pt").exists() and "tgtest_helpers" not in sys.modules

@@ -21,6 +21,13 @@ parameter's rows (old rows by token identity; a new row's fp32 master is its new
 its moments zero), re-pad and re-partition for the same ``W`` and write every rank's file back
 with the same structure. Anything else (ZeRO-3, tensor parallel, sizes that do not add up) is not
 exactly representable here: those files are dropped with one note, as before.
+
+:func:`consolidate` rebuilds the full fp32 state dict of a ZeRO-2/3 folder exactly as DeepSpeed's
+``zero_to_fp32`` does (buffers, frozen fragments, trainable parameters from the fp32 flat
+groups, shared parameters), but every file is read with the restricted unpickler: DeepSpeed's
+utility ``torch.load``s the shards with ``weights_only=False``, so a payload in them would run.
+ZeRO-3: each parameter owns ``ceil(numel / W)`` elements of every rank's flat groups (concatenated),
+in ``param_shapes`` order; the ranks' pieces, concatenated, cut to ``numel``, are the parameter.
 """
 from __future__ import annotations
 
@@ -35,6 +42,8 @@ from .repickle import safe_save
 from .safe_pickle import safe_load
 
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MODEL_RANK = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+MODEL_STATES = "mp_rank_00_model_states.pt"
 _OSD = "optimizer_state_dict"
 
 
@@ -218,4 +227,126 @@ def remap_partitions(folder: Path, out_folder: Path, old_shapes: list, new_shape
     return written
 
 
-__all__ = ["NotRepresentable", "rank_files", "remap_partitions"]
+# -- consolidation (read only) ---------------------------------------------------------------------
+
+def model_state_files(folder: Path) -> list[Path]:
+    """The model states files DeepSpeed reads: one per rank under ZeRO-3, else ``mp_rank_00``."""
+    ranked = sorted((int(m.group(1)), p) for p in folder.glob("zero_pp_rank_*_model_states.pt")
+                    if (m := _MODEL_RANK.match(p.name)))
+    if ranked:
+        return [p for _, p in ranked]
+    return [folder / MODEL_STATES] if (folder / MODEL_STATES).is_file() else []
+
+
+def _numel(shape, where: str) -> tuple[tuple[int, ...], int]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = None
+    if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise NotRepresentable(f"{where}: shape {shape!r:.60} is not a list of sizes")
+    return dims, math.prod(dims)
+
+
+def _flat(groups, where: str) -> torch.Tensor:
+    """One rank's fp32 flat groups, concatenated (each a 1-D floating tensor)."""
+    if not isinstance(groups, (list, tuple)) or not groups:
+        raise NotRepresentable(f"{where}: no fp32 flat groups")
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 1 and t.is_floating_point() for t in groups):
+        raise NotRepresentable(f"{where}: fp32 flat groups are not 1-D floating tensors")
+    return torch.cat(list(groups))
+
+
+def _zero3_params(shapes: dict, flats: list[torch.Tensor], world: int, where: str) -> dict:
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        dims, n = _numel(shape, f"{where} param_shapes[{name!r}]")
+        part = math.ceil(n / world)
+        if offset + part > flats[0].numel():
+            raise NotRepresentable(f"{where}: param_shapes need more elements than the fp32 flat groups hold")
+        out[name] = torch.cat([f[offset:offset + part] for f in flats])[:n].view(dims).clone()
+        offset += part
+    if offset * world != sum(f.numel() for f in flats):
+        raise NotRepresentable(f"{where}: param_shapes cover {offset * world} elements, the fp32 flat groups "
+                               f"hold {sum(f.numel() for f in flats)}")
+    return out
+
+
+def _zero2_params(shape_groups: list, parts: list[list], world: int, paddings, where: str) -> dict:
+    out = {}
+    if len(parts[0]) != len(shape_groups):
+        raise NotRepresentable(f"{where}: {len(shape_groups)} param_shapes groups, {len(parts[0])} fp32 groups")
+    for g, shapes in enumerate(shape_groups):
+        full = _flat([p[g] for p in parts], where)
+        pads = paddings[g] if paddings is not None else [0] * len(shapes)
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            dims, n = _numel(shape, f"{where} param_shapes[{name!r}]")
+            if offset + n > full.numel():
+                raise NotRepresentable(f"{where}: param_shapes need more elements than group {g} holds")
+            out[name] = full[offset:offset + n].view(dims).clone()
+            offset += n + _int(pads[i])
+        align = 2 * world
+        if align * math.ceil(offset / align) != align * math.ceil(full.numel() / align):
+            raise NotRepresentable(f"{where}: group {g}: param_shapes cover {offset} elements, the partitions "
+                                   f"{full.numel()}")
+    return out
+
+
+def _frozen(models: list, stage: int, world: int, where: str) -> dict:
+    shapes = models[0].get("frozen_param_shapes") or {}
+    out = {}
+    for name, shape in shapes.items():
+        dims, n = _numel(shape, f"{where} frozen_param_shapes[{name!r}]")
+        frags = [m.get("frozen_param_fragments", {}).get(name) for m in (models if stage == 3 else models[:1])]
+        if not all(isinstance(f, torch.Tensor) for f in frags):
+            raise NotRepresentable(f"{where}: frozen parameter {name!r} has no fragment on every rank")
+        flat = torch.cat([f.reshape(-1) for f in frags])
+        if flat.numel() < n:
+            raise NotRepresentable(f"{where}: frozen parameter {name!r} needs {n} elements, its fragments hold "
+                                   f"{flat.numel()}")
+        out[name] = flat[:n].view(dims).clone()
+    return out
+
+
+def consolidate(folder: Path) -> tuple[dict[str, torch.Tensor], int, int]:
+    """(fp32 state dict, ZeRO stage, world size) of a ZeRO-2/3 folder, as DeepSpeed's zero_to_fp32
+    builds it (frozen parameters included), read without running anything from the files.
+    Raises :class:`NotRepresentable` with one line when the files do not add up."""
+    models = [safe_load(p) for p in model_state_files(folder)]
+    files = rank_files(folder)
+    if not models or not files:
+        raise NotRepresentable(f"{folder}: needs model states and *_optim_states.pt files")
+    osds = [s.get(_OSD) if isinstance(s, dict) else None for s in [safe_load(p) for p in files]]
+    if not all(isinstance(m, dict) for m in models) or not all(isinstance(o, dict) for o in osds):
+        raise NotRepresentable(f"{folder}: model or optimizer states are not DeepSpeed dicts")
+    stage = _int(osds[0].get("zero_stage", 0))
+    counts = osds[0].get("partition_count", 0)
+    world = max(_int(c) for c in counts) if isinstance(counts, (list, tuple)) and counts else _int(counts)
+    if world != len(files):
+        raise NotRepresentable(f"{folder}: partition_count {world} but {len(files)} *_optim_states.pt file(s)")
+    shape_groups = models[0].get("param_shapes")
+    if not isinstance(shape_groups, list) or not all(isinstance(g, dict) for g in shape_groups):
+        raise NotRepresentable(f"{folder}: the model states have no param_shapes")
+    names = set(models[0].get("buffer_names") or [])
+    module = models[0].get("module") or {}
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in module.items()
+          if k in names and isinstance(v, torch.Tensor)}
+    sd.update(_frozen(models, stage, world, str(folder)))
+    if stage == 3:
+        flats = [_flat(o.get("fp32_flat_groups"), f"{folder} rank {r}") for r, o in enumerate(osds)]
+        sd.update(_zero3_params({k: v for g in shape_groups for k, v in g.items()}, flats, world, str(folder)))
+    elif stage in (1, 2):
+        parts = [o.get("single_partition_of_fp32_groups") for o in osds]
+        if not all(isinstance(p, (list, tuple)) for p in parts):
+            raise NotRepresentable(f"{folder}: no single_partition_of_fp32_groups")
+        sd.update(_zero2_params(shape_groups, parts, world, osds[0].get("param_alignment_paddings"), str(folder)))
+    else:
+        raise NotRepresentable(f"{folder}: unknown ZeRO stage {stage}")
+    for alias, name in (models[0].get("shared_params") or {}).items():
+        if name in sd:
+            sd[alias] = sd[name]
+    return sd, stage, world
+
+
+__all__ = ["MODEL_STATES", "NotRepresentable", "consolidate", "model_state_files", "rank_files", "remap_partitions"]

@@ -7,7 +7,8 @@ shapes and dtypes without reading tensor data, and reads tensors (or whole files
 Formats: Hugging Face folders (single or sharded safetensors with index, ``.bin`` likewise), single
 ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` files, XTuner/mmengine ``iter_N.pth`` files (a dict
 with ``state_dict`` and ``optimizer``), XTuner DeepSpeed folders (``mp_rank_00_model_states.pt``
-holding ``module``; ZeRO-3 shards through DeepSpeed's own consolidation), PEFT adapter folders.
+holding ``module``; ZeRO-2/3 partitions consolidated by :func:`.deepspeed.consolidate`, which reads
+them as DeepSpeed's ``zero_to_fp32`` does but through the restricted unpickler), PEFT adapter folders.
 No code from any file runs: safetensors, or :func:`safe_pickle.safe_load`.
 """
 from __future__ import annotations
@@ -144,12 +145,14 @@ def _open_folder(folder: Path) -> Checkpoint:
                 return _open_files(info, [name])
         raise CheckpointError(f"{folder}: PEFT adapter folder without adapter_model.safetensors or .bin")
 
-    if (folder / "mp_rank_00_model_states.pt").is_file():
+    from .deepspeed import model_state_files
+
+    if model_state_files(folder):
         return _open_deepspeed(folder, info)
     latest = folder / "latest"
     if latest.is_file():  # DeepSpeed's own layout: latest -> global_stepN/
-        sub = folder / latest.read_text().strip()
-        if (sub / "mp_rank_00_model_states.pt").is_file():
+        sub = folder / latest.read_text(errors="replace").strip()
+        if sub.resolve().parent == folder.resolve() and model_state_files(sub):
             return _open_deepspeed(sub, info)
 
     if (folder / "optimizer.pt").is_file():  # a transformers Trainer checkpoint-N folder
@@ -253,7 +256,9 @@ def _tensors_of(obj, path: Path, info: CheckpointInfo) -> dict[str, torch.Tensor
 
 def _open_deepspeed(folder: Path, info: CheckpointInfo) -> Checkpoint:
     info.format, info.root = "deepspeed", folder
-    model_file = folder / "mp_rank_00_model_states.pt"
+    from .deepspeed import model_state_files
+
+    model_file = model_state_files(folder)[0]
     obj = safe_load(model_file)
     if not isinstance(obj, dict) or not isinstance(obj.get("module"), dict):
         raise CheckpointError(f"{model_file}: expected a dict with 'module' (DeepSpeed model states)")
@@ -273,21 +278,22 @@ def _open_deepspeed(folder: Path, info: CheckpointInfo) -> Checkpoint:
 
 
 def _consolidate_zero(folder: Path, info: CheckpointInfo, shards) -> Checkpoint:
+    from .deepspeed import NotRepresentable, consolidate
+
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError:
-        raise CheckpointError(
-            f"{folder}: ZeRO-3 checkpoint ({len(shards)} optimizer shard(s)); its weights live in the shards and "
-            f"only DeepSpeed can consolidate them. Install it (pip install deepspeed) and rerun, or run "
-            f"DeepSpeed's zero_to_fp32.py on the folder and convert the result") from None
-    # DeepSpeed's utility unpickles its own shards; we only call it when the user has DeepSpeed
-    # installed, i.e. trusts it, and we say so in the report.
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    info.notes.append(f"{folder.name}: ZeRO shards consolidated to fp32 by DeepSpeed's zero_to_fp32 "
-                      f"(DeepSpeed unpickles its own shard files)")
+        sd, stage, world = consolidate(folder)
+    except NotRepresentable as e:
+        raise CheckpointError(f"{folder}: ZeRO partitions that do not add up ({e}); consolidate them with "
+                              f"DeepSpeed's zero_to_fp32.py in an environment you trust, then convert the result") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder}: malformed ZeRO partitions ({type(e).__name__}: {e})"[:300]) from None
+    info.notes.append(f"{folder.name}: ZeRO-{stage} partitions of {world} rank(s) consolidated to fp32 as DeepSpeed's "
+                      f"zero_to_fp32 does, read with the restricted unpickler (nothing from the files ran)")
     rel = "consolidated"
     info.files[rel] = list(sd)
-    return Checkpoint(info, {k: (tuple(t.shape), t.dtype, rel) for k, t in sd.items()}, dict(sd))
+    return Checkpoint(info, {k: (tuple(t.shape), t.dtype, rel) for k, t in sd.items()}, sd)
 
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "UnsafeCheckpointError", "open_checkpoint",

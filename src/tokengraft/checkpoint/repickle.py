@@ -8,8 +8,12 @@ imported: the global is written as text. So a converted mmengine ``iter_N.pth`` 
 ``torch.load(out, weights_only=False)`` in an environment that has mmengine, rebuilding the same
 ``HistoryBuffer``/numpy objects the input held -- and nothing from the input ran here.
 
-A global that runs code or touches files when loaded (``os.system``, ``builtins.eval``,
-``subprocess.*``, ...) is refused with one line instead of being handed on.
+Only globals known to be inert when loaded are written (:data:`.inert.INERT_GLOBALS`: torch's
+rebuild functions and storages, plain containers, numpy arrays/scalars/dtypes, dates, mmengine's
+``HistoryBuffer``/``ConfigDict``, DeepSpeed's ZeRO records). Anything else -- ``os.system``, but also
+the callables a payload chains (``builtins.getattr``, ``operator.attrgetter``, ``functools.partial``,
+``pkgutil.resolve_name``, ``logging.config.*``) or an unknown class -- is refused with one line
+naming the global: tokengraft never ran it, and will not hand it on inside a converted file.
 
 Caveat: tensors come back as plain tensors (``nn.Parameter`` wrappers are not kept); checkpoints
 hold state dicts, whose tensors are plain already.
@@ -23,24 +27,16 @@ from pathlib import Path
 import torch
 
 from ..outdir import atomic_file
-from .inert import placeholder_global
+from .inert import is_inert_global, placeholder_global
 from .safe_pickle import UnsafeCheckpointError
 
-# Globals that run code, touch files or the network when a pickle is loaded. A checkpoint naming
-# one is hostile: tokengraft never ran it, and will not hand it on inside a file that looks
-# converted (a guard against the classic payloads, not a proof of safety: see docs).
-_CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",
-                 "code", "codeop", "ctypes", "pickle", "_pickle", "marshal", "pathlib", "io", "_io", "codecs",
-                 "tempfile", "glob", "zipfile", "tarfile", "urllib", "http", "ftplib", "smtplib", "telnetlib",
-                 "webbrowser", "multiprocessing", "threading", "asyncio", "signal", "requests", "commands",
-                 "platform", "pdb", "timeit", "cProfile", "profile", "trace", "site"}
-_CODE_BUILTINS = {"eval", "exec", "compile", "__import__", "open", "input", "breakpoint", "globals", "locals",
-                  "vars", "setattr", "delattr", "exit", "quit", "help", "memoryview"}
 
-
-def _runs_code(module: str, name: str) -> bool:
-    top = module.split(".")[0]
-    return top in _CODE_MODULES or (top in ("builtins", "__builtin__") and name in _CODE_BUILTINS)
+def _refuse_unless_inert(module: str, name: str) -> None:
+    if not is_inert_global(module, name):
+        raise UnsafeCheckpointError(
+            f"refusing to write back {module}.{name}: the input names a global that is not known to be inert "
+            f"when the checkpoint is loaded (it could run code; tokengraft never ran it); do not torch.load the "
+            f"input either, or re-save it without that object in an environment you trust")
 
 
 class _Pickler(pickle._Pickler):
@@ -50,13 +46,12 @@ class _Pickler(pickle._Pickler):
     def save_global(self, obj, name=None):
         ref = placeholder_global(obj)
         if ref is None:
+            qualname = name or getattr(obj, "__qualname__", None) or obj.__name__
+            module = pickle.whichmodule(obj, qualname)
+            _refuse_unless_inert(module, qualname)
             return super().save_global(obj, name)
         module, qualname = ref
-        if _runs_code(module, qualname):
-            raise UnsafeCheckpointError(
-                f"refusing to write back {module}.{qualname}: the input names a global that runs code or "
-                f"touches files when the checkpoint is loaded (tokengraft never ran it); do not torch.load "
-                f"the input either")
+        _refuse_unless_inert(module, qualname)
         if self.proto >= 4:
             self.save(module)
             self.save(qualname)

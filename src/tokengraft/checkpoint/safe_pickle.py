@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 from ..errors import TokengraftError
-from .inert import Placeholder, _DefaultDict, _placeholder_class, placeholder_global, placeholders_in
+from .inert import Placeholder, _DefaultDict, _placeholder_class, first_code_global, placeholder_global, placeholders_in
 
 # the inert names are re-exported: readers import the reader and what it yields from one place
-__all__ = ["safe_load", "UnsafeCheckpointError", "Placeholder", "placeholder_global", "placeholders_in"]
+__all__ = ["safe_load", "check_inert", "UnsafeCheckpointError", "Placeholder", "placeholder_global", "placeholders_in"]
 
 # Bytes a file may inflate from *compressed* members in total. torch.save never compresses, so
 # only re-zipped files use this; a deflate bomb (1.5 MB -> GBs) stops here with one line.
@@ -159,6 +159,7 @@ class _Unpickler(pickle.Unpickler):
 
         super().__init__(io.BytesIO(data))
         self._storages = storages
+        self.named: set[tuple[str, str]] = set()  # every global the pickle names (nothing imported)
 
     def find_class(self, module, name):
         # Python 2 names (protocol 2 writes `__builtin__ set`): the base find_class would map them,
@@ -167,6 +168,7 @@ class _Unpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
+        self.named.add((module, name))
         return _safe_global(module, name)
 
     def persistent_load(self, pid):
@@ -215,11 +217,12 @@ class _Inflater:
         return out
 
 
-def safe_load(path) -> object:
+def safe_load(path, named: set | None = None) -> object:
     """Unpickle a ``torch.save`` file (zip format) without executing code from it.
 
     Tensors come back as tensors (copy-on-write views of the file), plain containers as
-    themselves, and every other object as an inert :class:`Placeholder`."""
+    themselves, and every other object as an inert :class:`Placeholder`. ``named``: a set that
+    receives every ``(module, name)`` global the pickle names."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -293,7 +296,12 @@ def safe_load(path) -> object:
                 cache[key] = torch.frombuffer(mm, dtype=torch.uint8, offset=off, count=nbytes).untyped_storage()
             return cache[key]
 
-        obj = _Unpickler(member(pkl[0], COMPRESSED_BUDGET), storage).load()
+        unpickler = _Unpickler(member(pkl[0], COMPRESSED_BUDGET), storage)
+        try:
+            obj = unpickler.load()
+        finally:
+            if named is not None:
+                named.update(unpickler.named)
     except UnsafeCheckpointError as e:
         if str(path) in str(e):
             raise
@@ -304,4 +312,18 @@ def safe_load(path) -> object:
     finally:
         if fh is not None:
             fh.close()  # the mmap keeps its own reference to the file
+    return obj
+
+
+def check_inert(path, what: str = "hand it on") -> object:
+    """``safe_load(path)``, refusing (one line naming the global) a file that names any global not
+    known to be inert: call before a file is copied into an output or given to a library that
+    unpickles with ``weights_only=False`` (DeepSpeed's engine), so that loading runs nothing."""
+    named: set = set()
+    obj = safe_load(path, named)
+    bad = first_code_global(named)
+    if bad is not None:
+        raise UnsafeCheckpointError(f"{path}: names {bad}, a global not known to be inert when the file is loaded "
+                                    f"(it could run code); tokengraft will not {what}. Remove that object or "
+                                    f"re-save the file in an environment you trust")
     return obj
