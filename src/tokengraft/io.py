@@ -9,9 +9,11 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+from .compat import dtype_kwargs
 from .files import read_index, read_json
 from .manifest import Manifest
 from .outdir import FolderError, atomic_folder
+from .portable import make_portable
 
 
 
@@ -125,11 +127,11 @@ def load_folder(path, dtype=None):
         if is_llava(cfg):
             from transformers import AutoModelForImageTextToText
 
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+            model = AutoModelForImageTextToText.from_pretrained(path, **dtype_kwargs(dtype), trust_remote_code=False)
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
             tokenizer = processor.tokenizer
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs(dtype), trust_remote_code=False)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except ValueError as e:
         _remote_code_guard(path, e)
@@ -156,6 +158,7 @@ def save_folder(out, model, tokenizer, manifest: Manifest | None, processor=None
         if processor is not None:
             processor.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         if manifest is not None:
             manifest.save(tmp)
     return Path(out)

@@ -31,6 +31,7 @@ from .checkpoint.errors import XTunerError
 from .checkpoint.lora import lora_ranks, merge_lora, merge_peft, unwrap_peft_names
 from .checkpoint.xtuner_layout import (check_named_rows, checkpoint_rows, lora_setting, read_xtuner, split_export,
                                         split_parts)
+from .compat import dtype_kwargs
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -214,7 +215,7 @@ def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dic
     n_base = len(tok)
     plain, lora = unwrap_peft_names(inp.parts["llm"])
     check_named_rows(plain, n_base, len(user))  # before the slow load
-    lm = AutoModelForCausalLM.from_pretrained(str(inp.llm), dtype=torch.float32, trust_remote_code=False)
+    lm = AutoModelForCausalLM.from_pretrained(str(inp.llm), **dtype_kwargs(torch.float32), trust_remote_code=False)
     if inp.llm_adapter is not None:
         lm = merge_peft(lm, inp.llm_adapter, "llm")
         inp.notes.append(f"merged PEFT adapter {inp.llm_adapter}")
@@ -270,7 +271,7 @@ def _vision_tower(inp: _Inputs, visual_lora_alpha, loaded: dict):
     """2. The CLIP tower, its adapter merged, the checkpoint's trained / LoRA tensors on top."""
     from transformers import CLIPVisionModel
 
-    clip = CLIPVisionModel.from_pretrained(str(inp.visual_encoder), dtype=torch.float32,
+    clip = CLIPVisionModel.from_pretrained(str(inp.visual_encoder), **dtype_kwargs(torch.float32),
                                            trust_remote_code=False)
     if inp.visual_encoder_adapter is not None:
         clip = merge_peft(clip, inp.visual_encoder_adapter, "visual_encoder")
@@ -336,6 +337,7 @@ def _save(model, tok, processor, manifest, out: Path, inp: _Inputs, merged: list
     """5. Config, generation config and manifest made true to the weights, then one atomic write."""
     from .hf import finalize
     from .outdir import atomic_folder
+    from .portable import make_portable
 
     manifest = finalize(model, tok, processor, manifest)
     manifest.record("import-xtuner", source=str(inp.src) if inp.src else None, llm=str(inp.llm),
@@ -346,6 +348,7 @@ def _save(model, tok, processor, manifest, out: Path, inp: _Inputs, merged: list
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        make_portable(tmp)
         manifest.save(tmp)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import dtype_kwargs
 from ..files import read_json
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
@@ -59,7 +60,7 @@ def load_for_kl(path):
         auto = AutoModelForCausalLM
         if isinstance(cfg.get("vision_config"), dict):
             from transformers import AutoModelForImageTextToText as auto
-        model = auto.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+        model = auto.from_pretrained(folder, **dtype_kwargs(torch.float32), trust_remote_code=False).eval()
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # transformers' own loaders refuse pickled code (weights_only): one line
         raise DoctorError(f"{folder}: cannot load the model for --kl ({first_line(e)}); run doctor without --kl "

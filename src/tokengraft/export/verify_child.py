@@ -20,10 +20,13 @@ def load(out: str):
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                               AutoTokenizer)
 
+    from ..compat import dtype_kwargs  # stdlib only: the version's keyword, nothing that could hide a broken file
+
     cfg = AutoConfig.from_pretrained(out, trust_remote_code=False)
     llava = hasattr(cfg, "vision_config")
     cls = AutoModelForImageTextToText if llava else AutoModelForCausalLM
-    model, info = cls.from_pretrained(out, dtype=torch.float32, output_loading_info=True, trust_remote_code=False)
+    model, info = cls.from_pretrained(out, **dtype_kwargs(torch.float32), output_loading_info=True,
+                                      trust_remote_code=False)
     problems = [f"loading {out}: {kind.replace('_', ' ')}: {sorted(map(str, info[kind]))[:5]}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=False) if llava else None

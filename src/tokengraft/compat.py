@@ -1,0 +1,54 @@
+"""Every difference between the transformers versions tokengraft runs under, in one place.
+
+The core commands (add, convert, doctor, export, import-xtuner, the Python API, ``xtuner_helper``)
+run under transformers 4.48 (XTuner 0.2.0's pin) up to current 5.x; ``train`` and ``demo`` need
+``TRAIN_NEEDS``. Code elsewhere asks this module instead of testing versions or catching
+``TypeError`` itself. Reads the installed version from package metadata: importing this module
+loads neither torch nor transformers.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import metadata
+
+from .errors import TokengraftError
+
+DTYPE_KWARG_SINCE = (4, 56)  # from_pretrained(dtype=...); before: torch_dtype= (transformers PR #39782)
+TRAIN_NEEDS = (5, 0)         # train/demo: transformers 5's Trainer, tokenizer and processor API
+
+
+class VersionError(TokengraftError):
+    """The installed transformers is too old for what was asked."""
+
+
+def _parse(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+@lru_cache(maxsize=1)
+def transformers_version() -> tuple[int, ...]:
+    """(major, minor, patch) of the installed transformers; (0,) when it is not installed."""
+    try:
+        return _parse(metadata.version("transformers"))
+    except metadata.PackageNotFoundError:
+        return (0,)
+
+
+def _text(v: tuple[int, ...]) -> str:
+    return ".".join(map(str, v))
+
+
+def dtype_kwargs(dtype) -> dict:
+    """The keyword ``from_pretrained`` takes for the weights' dtype: ``dtype`` (>= 4.56) or
+    ``torch_dtype`` (older; 4.48 passes an unknown ``dtype`` on to the model's __init__ and fails)."""
+    return {"dtype" if transformers_version() >= DTYPE_KWARG_SINCE else "torch_dtype": dtype}
+
+
+def require(needed: tuple[int, ...], what: str) -> None:
+    """One line when ``what`` needs a newer transformers than the installed one."""
+    have = transformers_version()
+    if have < needed:
+        raise VersionError(f"{what} needs transformers >= {_text(needed)}, this environment has "
+                           f"{_text(have)}; run it in an environment with `pip install 'transformers>="
+                           f"{_text(needed)}'` (the other commands work here)")
