@@ -20,12 +20,19 @@ COMMANDS = {  # subcommand -> module under tokengraft.commands
 DEBUG_HELP = "print the Python traceback of an error (also: TOKENGRAFT_DEBUG=1)"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with tokengraft's error shape: one line on stderr (no usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's module is imported (some pull in
     transformers/trainers, seconds of start-up that `tokengraft convert` should not pay)."""
     from ._version import __version__
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="tokengraft",
         description="Add special tokens to LLaVA-style and causal language models, and carry "
                     "checkpoints across vocabulary changes by token identity.",
@@ -39,7 +46,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         m = importlib.import_module(f".commands.{mod}", __package__)
         sp = m.register(sub, name)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-        sp.set_defaults(_run=m.run)
+        sp.set_defaults(_run=m.run, _parser=sp)
     return p
 
 
@@ -52,7 +59,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=first if first in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand's parser: "tokengraft train: error: unrecognized arguments"
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

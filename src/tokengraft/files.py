@@ -105,6 +105,24 @@ def _is(v, kind) -> bool:
     return isinstance(v, kind)
 
 
+def out_of_range(v, kind: type, lo=None, hi=None, *, above: bool = False) -> str | None:
+    """What is wrong with the number ``v`` as ``kind`` (int, float) in [lo, hi] (``above``: lo
+    itself excluded), e.g. "expected an integer from 1 to 65,536"; None when it is fine. The one
+    range rule of flags (commands._common.number), YAML configs and JSON fields."""
+    want = _EXPECTED[kind] if kind in (int, float) else kind.__name__
+    if lo is not None and hi is not None and not above:
+        want += f" from {_num(lo)} to {_num(hi)}"
+    else:
+        want += " and".join(f" {op} {_num(b)}" for op, b in ((">" if above else ">=", lo), ("<=", hi))
+                            if b is not None)
+    ok = _is(v, kind) and (lo is None or (v > lo if above else v >= lo)) and (hi is None or v <= hi)
+    return None if ok else f"expected {want}" + (" (finite)" if kind is float and None in (lo, hi) else "")
+
+
+def _num(b) -> str:
+    return f"{int(b):,}" if float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
+
+
 def field(d: dict, key: str, kind: type, where: str, default=_MISSING, *,
           error: type[TokengraftError] = FileError, expected: str | None = None):
     """``d[key]`` if it is of JSON type ``kind`` (bool, str, int, float = any finite number, list,

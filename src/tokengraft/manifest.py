@@ -15,6 +15,8 @@ from .files import read_json
 SCHEMA_VERSION = 1
 FILENAME = "tokengraft.json"
 ROLES = ("generate", "input")
+MAX_ROWS = 1 << 24  # 16.7M rows: 64x the largest real vocabulary (262k); a larger id or row count is corrupt
+MAX_PAD_MULTIPLE = 1 << 16  # --pad-to-multiple-of: real models use 8 to 1024
 
 
 class ManifestError(TokengraftError):

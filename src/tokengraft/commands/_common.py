@@ -16,9 +16,52 @@ HELP = {
     "tokens_file": "YAML/JSON list of tokens with options (content, description, role, special, init, stop)",
     "init": "override every token's init: auto|mean|hewitt|subword|describe|copy:TOK",
     "dtype": "weights dtype of OUT (default fp32)",
-    "max_shard_size": "largest safetensors file in OUT (default 5GB)",
+    "max_shard_size": "largest safetensors file in OUT: 5GB (default), 500MB, 2GiB, ... (1MB to 1TB)",
 }
 DTYPES = ("fp32", "bf16", "fp16")
+
+
+def number(kind: type, lo=None, hi=None, *, above: bool = False, key: str | None = None):
+    """An argparse ``type=`` for a finite ``kind`` (int, float) in [lo, hi] (``above``: > lo): the
+    flag is refused at parse time, before any model loads (``--lora-alpha nan``, ``--pad-to-multiple-of
+    99999999999999``), with argparse's one line and exit 2. The one numeric flag type of every command."""
+    import argparse
+
+    from ..files import out_of_range
+
+    def parse(text: str):
+        try:
+            v = kind(text) if kind is not int else int(text.strip().replace("_", ""))
+        except ValueError:
+            v = None
+        problem = out_of_range(v, kind, lo, hi, above=above) if v is not None else None
+        if v is None or problem:
+            raise argparse.ArgumentTypeError(f"{problem or out_of_range(None, kind, lo, hi, above=above)}"
+                                             f"{f' (config key {key})' if key else ''}, got {text!r}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" fallback
+    return parse
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_size(text: str) -> int:
+    """``--max-shard-size``: bytes, or a number with KB/MB/GB/TB (10^3...) or KiB/MiB/GiB (2^10...),
+    as transformers reads it; from 1 MB to 1 TB. Parsed with the flags, before any model loads."""
+    import argparse
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or 2GiB, got {text!r}")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if not 10**6 <= n <= 10**12:
+        raise argparse.ArgumentTypeError(f"expected a size from 1MB to 1TB, got {text!r} ({n:,} bytes)")
+    return n
 
 
 def add_output(p, required: bool = True, default: str | None = None, help: str | None = None):
@@ -47,7 +90,8 @@ def add_dtype(p):
 
 
 def add_max_shard_size(p):
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help=HELP["max_shard_size"])
+    p.add_argument("--max-shard-size", default=shard_size("5GB"), type=shard_size, metavar="SIZE",
+                   help=HELP["max_shard_size"])
 
 
 def check_inputs(output, overwrite: bool, inputs: dict) -> None:

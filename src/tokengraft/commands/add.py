@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_init, add_output, add_overwrite, add_tokens, check_inputs, result_only_on_stdout
+from ..manifest import MAX_PAD_MULTIPLE
+from ._common import add_init, add_output, add_overwrite, add_tokens, check_inputs, number, result_only_on_stdout
 
 
 def register(sub, name):
@@ -35,8 +36,9 @@ def register(sub, name):
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config, weights, tokenizer)")
     add_tokens(p)
     add_init(p)
-    p.add_argument("--pad-to-multiple-of", type=int, default=64, metavar="N",
-                   help="when rows must grow, round up to a multiple of N (default 64; 1 disables)")
+    p.add_argument("--pad-to-multiple-of", type=number(int, 1, MAX_PAD_MULTIPLE), default=64, metavar="N",
+                   help=f"when rows must grow, round up to a multiple of N (default 64; 1 disables; "
+                        f"at most {MAX_PAD_MULTIPLE:,})")
     p.add_argument("--not-special", action="store_true",
                    help="add as normal (not special) tokens: kept by decode(skip_special_tokens=True)")
     add_output(p)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._common import add_output
+from ._common import add_output, number
 
 
 KNOBS = ("steps", "n_train", "n_eval", "bins", "batch_size", "lr", "rows_lr", "seed", "mode", "init",
@@ -41,19 +41,21 @@ def register(sub, name):
     add_output(p, required=False, default="demo-out",
                help="output folder; an earlier demo folder there is replaced, any other is refused")
     d = _defaults()
-    for flag, key, typ, what in (
-            ("--steps", "steps", int, "training steps"),
-            ("--train-samples", "n_train", int, "training samples"),
-            ("--eval-samples", "n_eval", int, "held-out samples"),
-            ("--bins", "bins", int, "location bins per axis, one token each; at most 16 (each grid cell >= 8 px)"),
-            ("--batch-size", "batch_size", int, "samples per step"),
-            ("--lr", "lr", float, "learning rate of the projector (and LoRA)"),
-            ("--rows-lr", "rows_lr", float, "learning rate of the new rows"),
-            ("--vision-steps", "vision_steps", int, "pretraining steps of the small vision tower, which no "
-                                                    "package ships weights for (0: leave it random)"),
-            ("--seed", "seed", int, "seed of the model, data and training")):
+    for flag, key, typ, (lo, hi), what in (
+            ("--steps", "steps", int, (1, 10**7), "training steps"),
+            ("--train-samples", "n_train", int, (1, 10**7), "training samples"),
+            ("--eval-samples", "n_eval", int, (1, 10**7), "held-out samples"),
+            ("--bins", "bins", int, (1, 10**4), "location bins per axis, one token each; at most 16 (each grid "
+                                                "cell >= 8 px)"),
+            ("--batch-size", "batch_size", int, (1, 1 << 16), "samples per step"),
+            ("--lr", "lr", float, (0, 10), "learning rate of the projector (and LoRA)"),
+            ("--rows-lr", "rows_lr", float, (0, 10), "learning rate of the new rows"),
+            ("--vision-steps", "vision_steps", int, (0, 10**7), "pretraining steps of the small vision tower, "
+                                                               "which no package ships weights for (0: leave it random)"),
+            ("--seed", "seed", int, (0, 2**32 - 1), "seed of the model, data and training")):
         shown = "--lr" if d[key] is None else d[key]
-        p.add_argument(flag, dest=key, type=typ, default=None, metavar="N" if typ is int else "X",
+        p.add_argument(flag, dest=key, type=number(typ, lo, hi, above=typ is float), default=None,
+                       metavar="N" if typ is int else "X",
                        help=f"{what} (default {shown})")
     p.add_argument("--mode", dest="mode", choices=("rows", "lora"), default=None,
                    help=f"rows: only the new rows + projector learn; lora: also LoRA on the language model "
@@ -66,6 +68,9 @@ def register(sub, name):
 
 
 def run(args) -> int:
+    from ..compat import TRAIN_NEEDS, require
+
+    require(TRAIN_NEEDS, "tokengraft demo")  # it trains
     from ..demo.run import run_demo
     from ..errors import TokengraftError
     from ..outdir import FolderError

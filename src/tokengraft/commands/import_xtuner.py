@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_dtype, add_max_shard_size, add_output, add_overwrite, add_tokens, check_inputs
+from ._common import add_dtype, add_max_shard_size, add_output, add_overwrite, add_tokens, check_inputs, number
+
+MAX_LORA_ALPHA = 1e5  # alpha / r scales the LoRA product; real configs use 8 to 512
 
 DESCRIPTION = """\
 Build a transformers LlavaForConditionalGeneration folder (model, LlavaProcessor, tokenizer,
@@ -64,8 +66,10 @@ def register(subparsers, name):
     p.add_argument("--visual-encoder-adapter", metavar="DIR", help="XTuner visual_encoder_adapter/ folder")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, if not the LLM folder's")
     add_tokens(p)  # in the order XTuner added them
-    p.add_argument("--lora-alpha", type=float, metavar="A", help="LLM LoRA alpha, if the checkpoint has no config")
-    p.add_argument("--visual-lora-alpha", type=float, metavar="A", help="visual encoder LoRA alpha, likewise")
+    alpha = number(float, 0, MAX_LORA_ALPHA, above=True)
+    p.add_argument("--lora-alpha", type=alpha, metavar="A",
+                   help=f"LLM LoRA alpha, if the checkpoint has no config (> 0, at most {MAX_LORA_ALPHA:g})")
+    p.add_argument("--visual-lora-alpha", type=alpha, metavar="A", help="visual encoder LoRA alpha, likewise")
     add_dtype(p)
     add_max_shard_size(p)
     add_overwrite(p)

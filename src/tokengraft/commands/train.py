@@ -171,6 +171,9 @@ def config_from_args(args):
 def run(args) -> int:
     import sys
 
+    from ..compat import TRAIN_NEEDS, require
+
+    require(TRAIN_NEEDS, "tokengraft train")  # before the trainer's imports, which differ in 4.x
     from ..train.loop import train
 
     cfg = config_from_args(args)

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TokengraftError
+from ..files import out_of_range
 from ..init import METHODS as INIT_METHODS
+from ..manifest import MAX_PAD_MULTIPLE
 from .data import TEMPLATES
 from .params import MODES
 
@@ -97,22 +99,11 @@ class TrainConfig:
         _choice("template", self.template, TEMPLATES)
         if self.init is not None and self.init.split(":")[0] not in INIT_METHODS:
             raise TrainError(f"init {self.init!r}: expected one of {', '.join(INIT_METHODS)} (copy:TOKEN)")
-        for key in ("max_steps", "batch_size", "grad_accum", "max_length", "pad_to_multiple_of", "lora_r",
-                    "logging_steps", "save_steps", "eval_max_new_tokens"):
-            _at_least(key, getattr(self, key), 1)
-        for key in ("eval_holdout", "warmup_steps", "eval_steps", "workers"):
-            _at_least(key, getattr(self, key), 0)
-        for key in ("save_total_limit", "stop_after"):
-            if getattr(self, key) is not None:
-                _at_least(key, getattr(self, key), 1)
-        for key in ("lr", "rows_lr", "lora_alpha"):
+        for key, (lo, hi, above) in RANGES.items():
             v = getattr(self, key)
-            if v is not None and not v > 0:
-                raise TrainError(f"{key} {v}: expected a number > 0 (--{_flag(key)})")
-        for key in ("weight_decay", "rows_weight_decay"):
-            v = getattr(self, key)
-            if v is not None and not v >= 0:
-                raise TrainError(f"{key} {v}: expected a number >= 0 (--{_flag(key)})")
+            problem = None if v is None else out_of_range(v, base_type(hints[key]), lo, hi, above=above)
+            if problem:
+                raise TrainError(f"{key} {v}: {problem} (--{_flag(key)})")
         if not 0 <= self.lora_dropout < 1:
             raise TrainError(f"lora_dropout {self.lora_dropout}: expected 0 <= p < 1 (--lora-dropout)")
         _folder("model", self.model)
@@ -128,6 +119,26 @@ class TrainConfig:
             _file("deepspeed", self.deepspeed)  # its contents: zero3.check, called by train() next
 
 
+# every number of the config: (low, high, low excluded); the flags use the same (commands/train.py)
+_STEPS = 10**9
+RANGES = {
+    "max_steps": (1, _STEPS, False), "batch_size": (1, 1 << 20, False), "grad_accum": (1, 1 << 20, False),
+    "max_length": (1, 1 << 24, False), "pad_to_multiple_of": (1, MAX_PAD_MULTIPLE, False),
+    "lora_r": (1, 1 << 16, False), "logging_steps": (1, _STEPS, False), "save_steps": (1, _STEPS, False),
+    "eval_max_new_tokens": (1, 1 << 20, False), "eval_holdout": (0, _STEPS, False),
+    "warmup_steps": (0, _STEPS, False), "eval_steps": (0, _STEPS, False), "workers": (0, 1024, False),
+    "save_total_limit": (1, 10**6, False), "stop_after": (1, _STEPS, False), "seed": (0, 2**32 - 1, False),
+    # Adam steps move a weight by about lr: above 10 nothing trains, it diverges
+    "lr": (0, 10, True), "rows_lr": (0, 10, True), "lora_alpha": (0, 10**5, True),
+    "weight_decay": (0, 10, False), "rows_weight_decay": (0, 10, False), "lora_dropout": (0, 1, False),
+}
+
+
+def base_type(tp):
+    """int / float of an ``int | None`` hint."""
+    return next((a for a in typing.get_args(tp) or (tp,) if a is not type(None)), tp)
+
+
 RESUME_LATEST = ("true", "True", "1", "latest")  # --resume spellings meaning "the newest checkpoint"
 
 
@@ -138,11 +149,6 @@ def _flag(key: str) -> str:
 def _choice(key: str, v, allowed) -> None:
     if v not in allowed:
         raise TrainError(f"{key} {v!r}: expected one of {', '.join(allowed)} (--{_flag(key)})")
-
-
-def _at_least(key: str, v: int, low: int) -> None:
-    if v < low:
-        raise TrainError(f"{key} {v}: expected an integer >= {low} (--{_flag(key)})")
 
 
 def _folder(key: str, p) -> None:
