@@ -4,6 +4,7 @@ only (no model weights)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -183,3 +184,158 @@ def test_config_keys_are_flags(tmp_path):
 
     with pytest.raises(TrainError, match="unknown key"):
         config_from_args(build_parser().parse_args(["train", str(cfg)]))
+
+
+# -- linear-time rendering (issue 23, item 5) -----------------------------------------------------
+
+def old_segments(msgs, render):
+    """The quadratic reference: every assistant turn renders its two prefixes (the code before issue 23)."""
+    out, cursor = [], 0
+    for j, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt, upto = render(msgs[:j], True), render(msgs[: j + 1], False)
+        assert upto.startswith(prompt) and len(prompt) >= cursor
+        out.append((prompt[cursor:], False))
+        out.append((upto[len(prompt):], True))
+        cursor = len(upto)
+    full = render(msgs, False)
+    out.append((full[cursor:], False))
+    return [(t, a) for t, a in out if t]
+
+
+def conversation(n, system=False, first="human", salt=0):
+    turns = [{"from": "system", "value": "Be brief."}] if system else []
+    who = first
+    for i in range(n):
+        turns.append({"from": who, "value": f"{who} {i * 7 + salt}: " + "word " * ((i + salt) % 4)})
+        who = "gpt" if who == "human" else "human"
+    return {"id": f"c{n}", "conversations": turns}
+
+
+@pytest.fixture(scope="module")
+def fixture_records(tmp_path_factory):
+    """The repository's data: the demo's grounding dataset, this file's records, and long chats."""
+    from tokengraft.demo.data import make_grounding_dataset
+    from tokengraft.train.data import load_records
+
+    d = make_grounding_dataset(tmp_path_factory.mktemp("demo"), n_train=6, n_eval=2, bins=4, text_only=2)
+    recs = load_records(d["train"]) + load_records(d["eval"])
+    recs += [rec(), rec(image=None), rec(a="<box>1</box>", image=["a.jpg"])]
+    recs += [conversation(n, system=s) for n in (2, 3, 5, 8, 41) for s in (False, True)]
+    return recs + [conversation(4, first="gpt")]
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "chatml", "vicuna", "llama3", "internlm2"])
+def test_linear_rendering_gives_exactly_the_old_tokens_and_labels(tok, img_id, fixture_records, template):
+    from tokengraft.train.data import IGNORE, encode, messages_of, renderer, segments
+
+    render = renderer(tok, template)
+    compared = 0
+    for r in fixture_records:
+        msgs = messages_of(r)
+        if template == "tokenizer" and msgs[0]["role"] == "assistant":
+            continue  # transformers refuses to render an empty prompt (both ways: a DataError now)
+        old = old_segments(msgs, render)
+        assert segments(msgs, render) == old, r["id"]
+        ids = []
+        for text, asst in old:
+            piece = tok(text, add_special_tokens=False)["input_ids"]
+            ids += [t for p in piece for t in ([p] * 49 if p == img_id else [p])]
+        e = encode(r, tok, render, image_token_id=img_id, n_image_tokens=49, max_length=10**6)
+        assert e.input_ids == ids, r["id"]
+        learned = "".join(t for t, a in old if a)
+        assert tok.decode([t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE]) == \
+            tok.decode(tok(learned, add_special_tokens=False)["input_ids"]), r["id"]
+        compared += 1
+    assert compared >= len(fixture_records) - 1
+
+
+class Counted:
+    """A renderer that counts the messages it renders: the work, without timing anything."""
+
+    def __init__(self, render):
+        self.render, self.calls, self.messages = render, 0, 0
+
+    def __call__(self, msgs, gen):
+        self.calls += 1
+        self.messages += len(msgs)
+        return self.render(msgs, gen)
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "chatml"])
+def test_rendering_work_is_linear_in_the_turns(tok, template):
+    from tokengraft.train.data import messages_of, renderer, segments
+
+    work = {}
+    for n in (400, 800):
+        c = Counted(renderer(tok, template))
+        segments(messages_of(conversation(n)), c)
+        work[n] = c.messages
+    # linear: twice the turns is about twice the work (quadratic would be 4x); 400 turns cost about
+    # 10 rendered messages a turn (the old split rendered ~80,000 messages for 400 turns)
+    assert work[800] < 2.2 * work[400] and work[400] < 12 * 400, work
+
+
+def test_a_12000_turn_record_preflights_in_seconds(tok):
+    import time
+
+    from tokengraft.train.preflight import preflight
+
+    r = conversation(12000)
+    r["conversations"][1]["value"] += " <ref>x</ref>"
+    t0 = time.time()
+    rep = preflight([r], tok, ["<ref>", "</ref>"], template="tokenizer", max_length=100)
+    assert time.time() - t0 < 120  # a complexity guard, not a benchmark: quadratic never finished
+    assert rep.token_counts == {"<ref>": 1, "</ref>": 1} and rep.too_long[0][1] > 12000
+    assert len(rep.encoded) == 1 and rep.encoded[0].full_length == rep.too_long[0][1]
+
+
+def test_a_template_that_is_not_local_is_split_exactly_or_refused(tok):
+    """A template whose text for a turn depends on its absolute position is split prefix by prefix
+    (same result as before); beyond EXACT_LIMIT turns it is refused in one line instead of hanging.
+    One that is not a growing prefix (the system text moves into the last user turn) is refused."""
+    from tokengraft.train.data import EXACT_LIMIT, DataError, messages_of, segments
+
+    def numbered(msgs, gen):
+        s = "".join(f"[{i}] {m['role']}: {m['content']}\n" for i, m in enumerate(msgs))
+        return s + (f"[{len(msgs)}] assistant: " if gen else "")
+
+    msgs = messages_of(conversation(30))
+    assert segments(msgs, numbered) == old_segments(msgs, numbered)
+    with pytest.raises(DataError, match="quadratic"):
+        segments(messages_of(conversation(EXACT_LIMIT + 2)), numbered)
+
+    def system_last(msgs, gen):
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        return "".join(f"{m['role']}: {m['content']}{' (be brief)' if i == last else ''}\n"
+                       for i, m in enumerate(msgs)) + ("assistant: " if gen else "")
+
+    with pytest.raises(DataError, match="growing prefixes"):
+        segments(messages_of(conversation(6)), system_last)
+
+
+def test_pre_flight_encodings_are_the_datasets(tok, img_id, fixture_records):
+    """Rendered once: the dataset takes the pre-flight's encodings, equal to encoding afresh."""
+    from tokengraft.train.data import LlavaDataset
+    from tokengraft.train.preflight import preflight
+
+    recs = [r for r in fixture_records if not r.get("image")]
+    rep = preflight(recs, tok, [], template="chatml", max_length=256, check_images=False)
+    shared = LlavaDataset(recs, tok, None, None, "chatml", 256, encoded=rep.encoded, log=lambda *a: None)
+    fresh = LlavaDataset(recs, tok, None, None, "chatml", 256, log=lambda *a: None)
+    assert [(e.input_ids, e.labels) for e in shared.items] == [(e.input_ids, e.labels) for e in fresh.items]
+
+
+def test_fifo_data_file_and_image_are_refused_before_reading(tmp_path, tok, img_id):
+    from tokengraft.train.data import DataError, load_records
+    from tokengraft.train.preflight import preflight
+
+    fifo = tmp_path / "train.json"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file"):
+        load_records(fifo)  # would block forever on open
+    os.mkfifo(tmp_path / "pic.jpg")
+    rep = preflight([rec(image="pic.jpg")], tok, [], image_folder=tmp_path, template="chatml",
+                    image_token_id=img_id, n_image_tokens=49)
+    assert [p.code for p in rep.problems] == ["unreadable-images"] and "regular file" in rep.problems[0].message

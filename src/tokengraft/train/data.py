@@ -121,24 +121,87 @@ def renderer(tokenizer, template: str = "tokenizer"):
     raise DataError(f"template {template!r} is not one of {', '.join(TEMPLATES)}")
 
 
+WINDOW = 2  # messages of context before each block (even: user/assistant turns keep their parity)
+BLOCK = 2  # messages whose prefixes are rendered after one context: cost per message ~ WINDOW + BLOCK
+EXACT_LIMIT = 400  # longest conversation rendered prefix by prefix (quadratic) when the template is not local
+_NOT_PREFIXES = ("the chat template does not render conversations as growing prefixes; pass a named "
+                 "--template (vicuna, chatml, internlm2, llama3)")
+
+
+def _prefixes(msgs: list[dict], render, block: int):
+    """(pieces, ends, gens) such that ``"".join(pieces)`` renders the whole conversation, ``ends[i]`` is
+    ``len(render(msgs[:i + 1]))`` and ``gens[j]`` what the generation prompt adds to
+    ``render(msgs[:j])`` (assistant turns j). Each message's piece is the difference between two
+    renderings of a short conversation (the system message, ``WINDOW`` messages before the block,
+    the block so far), so the work is linear in the length; ``block=len(msgs)`` renders every real
+    prefix (exact, quadratic). None when a rendering does not extend the one before it."""
+    head = 1 if msgs[0]["role"] == "system" else 0
+    pieces, ends, gens, total, b = [], [], {}, 0, 0
+    while b < len(msgs):
+        e = min(len(msgs), b + block if b else head + block)
+        ctx = msgs[:b] if b - WINDOW <= head else msgs[:head] + msgs[b - WINDOW:b]
+        prev = render(ctx, False) if ctx else ""
+        for i in range(b, e):
+            if msgs[i]["role"] == "assistant":
+                g = render(ctx + msgs[b:i], True)
+                if not g.startswith(prev):
+                    return None
+                gens[i] = g[len(prev):]
+            cur = render(ctx + msgs[b:i + 1], False)
+            if not cur.startswith(prev):
+                return None
+            pieces.append(cur[len(prev):])
+            total += len(pieces[-1])
+            ends.append(total)
+            prev = cur
+        b = e
+    return pieces, ends, gens
+
+
+def _rendered(msgs: list[dict], render):
+    """(text, ends, gens) of :func:`_prefixes`, built locally (linear) and checked against one
+    rendering of the whole conversation; a template whose pieces depend on more than the nearby
+    turns is rendered prefix by prefix instead, up to ``EXACT_LIMIT`` messages."""
+    try:
+        got = _prefixes(msgs, render, BLOCK)
+    except Exception:  # a template may refuse a shortened conversation (raise_exception): go exact
+        got = None
+    if got is not None:
+        text = "".join(got[0])
+        if text == render(msgs, False):
+            return text, got[1], got[2]
+    if len(msgs) > EXACT_LIMIT:
+        raise DataError(f"the chat template renders a turn differently depending on turns far from it, and a "
+                        f"{len(msgs)}-turn conversation would take quadratic time to split; pass a named "
+                        f"--template (vicuna, chatml, internlm2, llama3) or split the conversation")
+    try:
+        got = _prefixes(msgs, render, len(msgs))
+    except Exception as e:  # jinja's TemplateError, transformers' ValueError for an empty prompt, ...
+        raise DataError(f"the chat template cannot render this conversation ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); fix the record or pass a named --template") from None
+    if got is None:
+        raise DataError(_NOT_PREFIXES)
+    return "".join(got[0]), got[1], got[2]
+
+
 def segments(msgs: list[dict], render) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, is_assistant) pieces by rendering growing
-    prefixes: the assistant piece is what its turn adds after the generation prompt."""
+    """Split the rendered conversation into (text, is_assistant) pieces: an assistant piece is what
+    its turn adds after the generation prompt, ``render(msgs[:j + 1])`` minus ``render(msgs[:j], True)``;
+    the rest is prompt. Linear in the conversation's length (see :func:`_rendered`)."""
+    text, ends, gens = _rendered(msgs, render)
     out, cursor = [], 0
     for j, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = render(msgs[:j], True)
-        upto = render(msgs[: j + 1], False)
-        if not upto.startswith(prompt) or len(prompt) < cursor:
-            raise DataError("the chat template does not render conversations as growing prefixes; "
-                            "pass a named --template (vicuna, chatml, internlm2, llama3)")
-        out.append((prompt[cursor:], False))
-        out.append((upto[len(prompt):], True))
-        cursor = len(upto)
-    full = render(msgs, False)
-    if cursor < len(full):
-        out.append((full[cursor:], False))
+        start = ends[j - 1] if j else 0
+        gen = gens[j]
+        if not text.startswith(gen, start) or start + len(gen) > ends[j]:
+            raise DataError(_NOT_PREFIXES)
+        out.append((text[cursor:start] + gen, False))
+        out.append((text[start + len(gen):ends[j]], True))
+        cursor = ends[j]
+    if cursor < len(text):
+        out.append((text[cursor:], False))
     return [(t, a) for t, a in out if t]
 
 
@@ -168,7 +231,11 @@ def encode(rec: dict, tokenizer, render, *, image_token_id: int | None = None, n
            max_length: int = 2048, train_on: str = "assistant") -> Encoded:
     msgs = messages_of(rec)
     ids, labels = [], []
-    for text, is_asst in segments(msgs, render):
+    try:
+        pieces = segments(msgs, render)
+    except DataError as e:
+        raise DataError(f"record {rec.get('id', '?')}: {e}") from None
+    for text, is_asst in pieces:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         if image_token_id is not None and n_image_tokens > 1:  # expand each placeholder
             exp = []
@@ -205,14 +272,18 @@ class LlavaDataset(torch.utils.data.Dataset):
     """Encoded samples (text encoded up front; images loaded per item)."""
 
     def __init__(self, records, tokenizer, processor=None, image_folder=None, template="tokenizer",
-                 max_length=2048, train_on="assistant", image_token_id=None, log=print):
+                 max_length=2048, train_on="assistant", image_token_id=None, log=print, encoded=None):
         self.tokenizer, self.processor = tokenizer, processor
         self.image_folder = Path(image_folder) if image_folder else None
         self.render = renderer(tokenizer, template)
         self.image_token_id = image_token_id
         self.n_image_tokens = image_token_count(processor, image_token_id) if processor and image_token_id is not None else 0
-        encs = [encode(r, tokenizer, self.render, image_token_id=image_token_id, n_image_tokens=self.n_image_tokens,
-                       max_length=max_length, train_on=train_on) for r in records]
+        # ``encoded``: the pre-flight's encodings of these records with the same settings (render once)
+        encs = encoded if encoded is not None else [
+            encode(r, tokenizer, self.render, image_token_id=image_token_id, n_image_tokens=self.n_image_tokens,
+                   max_length=max_length, train_on=train_on) for r in records]
+        if len(encs) != len(records):
+            raise ValueError(f"{len(encs)} encodings for {len(records)} records")
         self.dropped = [(e.id, e.dropped) for e in encs if e.dropped]
         self.items = [e for e in encs if not e.dropped]
         self.records = [r for r, e in zip(records, encs) if not e.dropped]

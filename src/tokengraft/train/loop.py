@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
         return run_dir
 
     ds = LlavaDataset(records, tok, proc, cfg.image_folder, cfg.template, cfg.max_length, cfg.train_on,
-                      image_token_id=img_id, log=log)
+                      image_token_id=img_id, log=log, encoded=rep.encoded[:len(records)])  # rendered once
     lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets}
     plan = prepare(model, cfg.mode, new_ids, manifest.tied, train_projector=cfg.train_projector,
                    train_vision=cfg.train_vision, lora=lora)

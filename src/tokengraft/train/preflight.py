@@ -8,7 +8,9 @@ are not in the vocabulary (``<box>`` written in the data but never added would b
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ class Report:
     unknown_tags: dict = field(default_factory=dict)  # string -> (count, first sample id)
     max_length: int = 0
     image_folder: str | None = None
+    encoded: list = field(default_factory=list, repr=False)  # data.Encoded per record, for the dataset
 
     @property
     def problems(self) -> list[Problem]:
@@ -119,6 +122,8 @@ def check_image(path: Path) -> str | None:
     from PIL import Image
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            return "not a regular file (a folder, FIFO or device)"
         with Image.open(path) as im:
             im.load()
     except FileNotFoundError:
@@ -162,6 +167,7 @@ def preflight(records, tokenizer, new_tokens, *, image_folder=None, template="to
                     unknown.setdefault(s, [0, sid])[0] += 1
         e = encode(r, tokenizer, render, image_token_id=image_token_id, n_image_tokens=n_image_tokens,
                    max_length=max_length, train_on=train_on)
+        rep.encoded.append(e)
         if e.full_length > max_length:
             rep.too_long.append((sid, e.full_length, bool(e.dropped and "cut an image" in e.dropped)))
         elif e.dropped:
