@@ -1,4 +1,4 @@
-"""Real DeepSpeed (CPU, gloo, 2 ranks) saves a ZeRO-2 checkpoint and loads a converted one; run in
+"""Real DeepSpeed (CPU, gloo, 2 ranks) saves a ZeRO-2 (ZERO_STAGE=3: ZeRO-3) checkpoint and loads a converted one; run in
 the cached XTuner venv:  python zero_engine.py save|load ROWS CKPT_DIR DUMP.pt
 Each phase dumps, from rank 0, every parameter's full fp32 master and Adam moments as DeepSpeed's
 own accessors (safe_get_full_fp32_param / safe_get_full_optimizer_state) see them."""
@@ -32,7 +32,7 @@ def run(rank: int, phase: str, rows: int, ckpt: str, dump: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     torch.manual_seed(0)
     m = Tiny(rows)
-    cfg = {"train_batch_size": WORLD, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+    cfg = {"train_batch_size": WORLD, "zero_optimization": {"stage": int(os.environ.get("ZERO_STAGE", "2"))}, "bf16": {"enabled": True},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
     eng, *_ = deepspeed.initialize(model=m, model_parameters=m.parameters(), config=cfg)
     if phase == "save":

@@ -140,7 +140,11 @@ def _address(proto, numel: int, start: int):
     cls = type(proto)
     if isinstance(proto, tuple):
         return cls(numel, start)
-    obj = cls.__new__(cls, numel, start)
+    if proto.has_state and isinstance(proto.state, dict) and {"numel", "start"} <= set(proto.state):
+        obj = cls.__new__(cls, *proto.args)  # a dataclass (DeepSpeed >= 0.10): NEWOBJ + BUILD(__dict__)
+        obj.__setstate__({**proto.state, "numel": numel, "start": start})
+    else:  # a namedtuple: NEWOBJ (cls, numel, start)
+        obj = cls.__new__(cls, numel, start)
     obj.__dict__["via"] = proto.via
     return obj
 
