@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_llama
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -269,3 +271,41 @@ def test_sigterm_to_a_background_run_stops_at_a_step_boundary(model_dir, data_fi
     assert not [p for p in out.rglob("*.tmp")], "a half-written file was left"
     done = tg(*argv(model_dir, data_file, out, "--max-steps", int(last.name.split("-")[1]) + 1, "--resume"))
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_run_that_diverges_stops_and_keeps_its_last_good_checkpoint(model_dir, data_file, tmp_path):
+    """Issue 23 item 3: `--lr 1e30` exited 0 with NaN rows ("load it"). The highest accepted rate with
+    the highest rows weight decay multiplies the rows by -99 a step: they overflow within ~20 steps.
+    The run stops with one line naming the step, before that step's checkpoint; the last one on disk
+    has finite rows and no final parts are written."""
+    from tokengraft.train.run import last_checkpoint, read_rows
+
+    out = tmp_path / "run"
+    proc = tg(*argv(model_dir, data_file, out, "--max-steps", "200", "--save-steps", "3", "--lr", "10",
+                    "--rows-weight-decay", "10", "--warmup-steps", "0", "--scheduler", "constant"))
+    line = one_line_error(proc)
+    m = re.search(r"step (\d+): (the loss is \S+|the (input|output) row of '[^']+' .* hold NaN or inf)", line)
+    assert m and "diverged" in line, line
+    step, last = int(m.group(1)), last_checkpoint(out)
+    assert 1 < step < 200 and last is not None and int(last.name.split("-")[1]) < step
+    assert str(last) in line and "--resume" in line
+    _, rows = read_rows(last)
+    assert all(torch.isfinite(w).all() for w in rows.values())
+    assert not (out / "new_rows.safetensors").exists()  # no final parts from a diverged run
+
+
+def test_a_non_finite_loss_stops_at_step_one(smollm2_dir, data_file, tmp_path):
+    """One NaN in a layer's weight (not a vocabulary row): the first loss is NaN; nothing is saved."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = tiny_llama(tok, tied=True, hidden=32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    d = tmp_path / "nan-model"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    out = tmp_path / "run"
+    line = one_line_error(tg(*argv(d, data_file, out, "--max-steps", "5", "--save-steps", "1")))
+    assert line.startswith("tokengraft train: error: step 1: the loss is nan") and "no checkpoint" in line, line
+    assert not list(out.glob("checkpoint-*"))

@@ -10,7 +10,9 @@ from transformers import TrainerCallback
 
 from ..outdir import Terminated, signal_raises
 from .metrics import MetricsWriter
+from .config import TrainError
 from .resume import remap_moments
+from .run import last_checkpoint
 
 
 def _rank() -> int:
@@ -83,6 +85,44 @@ def on_ctrl_c():
             yield
     finally:
         CtrlC.hit = None
+
+
+def diverged(parts, step: int, what: str) -> TrainError:
+    """The one-line error of a run that diverged at ``step``, naming the last good checkpoint."""
+    c = parts.config
+    last = last_checkpoint(c.output_dir)
+    keep = (f"the last good checkpoint is {last} (continue from it with --resume {last} and a lower rate)"
+            if last else "no checkpoint was written")
+    rates = f"--lr {c.lr:g}" + (f", --rows-lr {c.rows_lr:g}" if c.rows_lr is not None else "")
+    return TrainError(f"step {step}: {what}; the run diverged: lower the learning rate ({rates}) or the "
+                      f"weight decay; {keep}")
+
+
+class Diverged(TrainerCallback):
+    """A run that diverges stops with an error instead of saving NaN: after every optimizer step the
+    new rows must be finite, and before each save (and at the last step) every trained weight; a
+    non-finite loss is caught by ``GraftTrainer.training_step``. Raised before the step's checkpoint
+    is written, so the last one on disk is good. Sharded runs (FSDP, ZeRO-3) check the loss only: a
+    check on one shard would stop one process and leave the others waiting."""
+
+    def __init__(self, parts):  # loop.RunParts
+        self.parts = parts
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kw):
+        p = self.parts
+        if p.config.fsdp or p.zero3 is not None:
+            return
+        for side, w in p.rows.effective(p.base).items():
+            bad = ~torch.isfinite(w).all(dim=1)
+            if bad.any():
+                first = p.info.new_tokens[int(bad.nonzero()[0, 0])]
+                raise diverged(p, state.global_step, f"the {'input' if side == 'embed' else 'output'} row of "
+                               f"{first!r} and {int(bad.sum()) - 1} other new row(s) hold NaN or inf")
+        if model is not None and (control.should_save or state.global_step >= state.max_steps):
+            for name, q in model.named_parameters():
+                if q.requires_grad and not torch.isfinite(q).all():
+                    raise diverged(p, state.global_step, f"the trained weight {name} holds NaN or inf")
 
 
 class StopAfter(TrainerCallback):

@@ -36,7 +36,8 @@ from .metrics import (
 )
 from .params import NewRows, full, param_groups, prepare
 from .preflight import PreflightError, preflight, tokens_from_data
-from .callbacks import CtrlC, Monitor, RemapMoments, StopAfter, _rank, _world, on_ctrl_c, peak_memory
+from .callbacks import (CtrlC, Diverged, Monitor, RemapMoments, StopAfter, _rank, _world, diverged, on_ctrl_c,
+                        peak_memory)
 from .resume import check_checkpoint
 from .run import RunInfo, gather_parts, last_checkpoint, resume_parts, save_parts
 from .runfolder import prepare_run_folder
@@ -103,6 +104,19 @@ class GraftTrainer(Trainer):
         for k, v in sums.items():
             self._sums[k] += v.detach().double().cpu()
         return (loss, out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Before the optimizer step, so nothing non-finite is applied or saved; every process learns
+        of a non-finite loss on any of them (one that stopped alone would leave the others waiting)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = (~torch.isfinite(loss.detach())).any().float()
+        if _world() > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)
+        if bad.item():
+            mine = not torch.isfinite(loss.detach()).all()
+            raise diverged(self.parts, self.state.global_step + 1,
+                           f"the loss is {float(loss)}" if mine else "another process's loss is not finite")
+        return loss
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._sums is not None:
@@ -330,7 +344,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
                      processor=proc, is_new=is_new, base_rows=base_rows, log=log)
     if cfg.deepspeed:  # before DeepSpeed partitions the model (in trainer.train)
         parts.zero3 = zero3.Zero3Rows(model, plan.rows, base_rows)
-    callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log), RemapMoments(parts), CtrlC()]
+    callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log), RemapMoments(parts), CtrlC(), Diverged(parts)]
     if cfg.stop_after:
         callbacks.append(StopAfter(cfg.stop_after))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
