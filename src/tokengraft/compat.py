@@ -15,7 +15,7 @@ from importlib import metadata
 from .errors import TokengraftError
 
 DTYPE_KWARG_SINCE = (4, 56)  # from_pretrained(dtype=...); before: torch_dtype= (transformers PR #39782)
-TRAIN_NEEDS = (5, 0)         # train/demo: transformers 5's Trainer, tokenizer and processor API
+TRAIN_NEEDS = (5, 24)        # train/demo: the Trainer, tokenizer and processor API they were tested with
 
 
 class VersionError(TokengraftError):
@@ -52,3 +52,20 @@ def require(needed: tuple[int, ...], what: str) -> None:
         raise VersionError(f"{what} needs transformers >= {_text(needed)}, this environment has "
                            f"{_text(have)}; run it in an environment with `pip install 'transformers>="
                            f"{_text(needed)}'` (the other commands work here)")
+
+
+def check_readable(folder) -> None:
+    """Refuse, in one line, a folder this (4.x) transformers would read differently from the
+    transformers 5 that wrote it (rope only in ``rope_parameters``: rope_theta 10,000, silently; a
+    tokenizer class 4.x lacks ...): loading and saving it here would write the misreading back.
+    Under transformers 5 every supported folder reads as written: nothing to check."""
+    if transformers_version() >= (5, 0):
+        return
+    from .portable import misreadings  # stdlib only; the one list of what old readers misread
+
+    found = misreadings(folder)
+    if found:
+        raise VersionError(f"{folder}: written by transformers 5 for transformers 5 only ({found[0]}"
+                           f"{f'; and {len(found) - 1} more' if len(found) > 1 else ''}); this environment has "
+                           f"transformers {_text(transformers_version())}: make the folder portable first with "
+                           f"`tokengraft export {folder} -o DST` where transformers >= 5 is installed, then use DST")

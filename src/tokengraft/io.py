@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from .compat import dtype_kwargs
+from .compat import check_readable, dtype_kwargs
 from .files import read_index, read_json
 from .manifest import Manifest
 from .outdir import FolderError, atomic_folder
@@ -118,6 +118,7 @@ def load_folder(path, dtype=None):
         from . import internlm2
         return internlm2.load_folder(path, dtype)
     refuse_remote_code(path, cfg)
+    check_readable(path)  # transformers 4.x: a folder only 5.x reads right is refused, not misread
     require_weights(path)
     check_rows_match(path, cfg)
     manifest = Manifest.find(path)  # a broken manifest is an error before the slow load

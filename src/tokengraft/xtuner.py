@@ -31,7 +31,7 @@ from .checkpoint.errors import XTunerError
 from .checkpoint.lora import lora_ranks, merge_lora, merge_peft, unwrap_peft_names
 from .checkpoint.xtuner_layout import (check_named_rows, checkpoint_rows, lora_setting, read_xtuner, split_export,
                                         split_parts)
-from .compat import dtype_kwargs
+from .compat import check_readable, dtype_kwargs
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -211,6 +211,7 @@ def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dic
 
     if is_internlm2_folder(inp.llm):
         return _internlm2_language_model(inp, user, tokenizer, lora_alpha, loaded)
+    check_readable(inp.llm)  # transformers 4.x: refused rather than misread (compat.py)
     tok = AutoTokenizer.from_pretrained(str(tokenizer or inp.llm), trust_remote_code=False)
     n_base = len(tok)
     plain, lora = unwrap_peft_names(inp.parts["llm"])
