@@ -25,6 +25,46 @@ def _moment_shape(st) -> tuple | None:
     return next((tuple(v.shape) for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
 
 
+def _moments_of(st) -> list[tuple[str, tuple]]:
+    return [(n, tuple(v.shape)) for n, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0] \
+        if isinstance(st, dict) else []
+
+
+def check_moments(opt: dict, shapes: dict, names: dict, how: str, param_names=None) -> None:
+    """Refuse (one line) an optimizer state that contradicts its parameters, instead of writing it
+    back unchanged: a state no param group lists, moments of one parameter with different shapes,
+    moments matched (by name or order) to a parameter of another shape, moments no parameter of
+    the checkpoint could own, or more parameter names than the optimizer has parameters."""
+    order = _param_order(opt)
+    listed = set(order)
+    if len(listed) != len(order):
+        raise RemapError(f"optimizer param_groups list a parameter index twice ({order[:12]}...); the state is corrupt")
+    if param_names is not None and len(list(param_names)) != len(order):
+        raise RemapError(f"optimizer has {len(order)} parameters but {len(list(param_names))} parameter names were "
+                         f"given; pass the names of the trainable parameters in optimizer order")
+    known = {_shape(v) for v in shapes.values()}
+    for i, st in opt.get("state", {}).items():
+        if i not in listed:
+            raise RemapError(f"optimizer state {i!r} belongs to no param group (groups list {len(order)} parameters); "
+                             f"the optimizer state does not match its parameters")
+        moments = _moments_of(st)
+        if len({s for _, s in moments}) > 1:
+            raise RemapError(f"optimizer state {i}: moments of different shapes ({', '.join(f'{n} {list(s)}' for n, s in moments)}); "
+                             f"they cannot belong to one parameter")
+        if not moments:
+            continue
+        n, shape = moments[0]
+        key = names.get(i)
+        owner = key.split(" or ")[0] if key else None
+        if owner is not None and owner in shapes and _shape(shapes[owner]) != shape:
+            raise RemapError(f"optimizer state {i}.{n} {list(shape)} does not match its parameter {owner!r} "
+                             f"{list(_shape(shapes[owner]))} (matched {how}); the optimizer belongs to another model "
+                             f"or parameter order: convert without it or pass the parameter names")
+        if shape not in known:
+            raise RemapError(f"optimizer state {i}.{n} {list(shape)} matches the shape of no tensor in the checkpoint; "
+                             f"the optimizer state does not belong to these weights")
+
+
 def match_params(opt: dict, shapes: dict, found: dict, param_names=None, ordered: bool = False,
                  skip=()) -> tuple[dict, str]:
     """{optimizer index: parameter name} and how it was found.
@@ -79,6 +119,7 @@ def remap_optimizer_state(optimizer: dict, state_dict: dict, found: dict | None,
     opt = {**optimizer, "state": dict(optimizer.get("state", {})),
            "param_groups": copy.deepcopy(optimizer.get("param_groups", []))}
     names, how = match_params(opt, state_dict, found, param_names, ordered, skip)
+    check_moments(opt, state_dict, names, how, param_names)
     identity = rm.is_identity()
     n_remapped = 0
     for i, st in list(opt["state"].items()):

@@ -15,7 +15,6 @@ parallel) are dropped with a note: the optimizer restarts.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from ..vocab import RowMap
 from .deepspeed import NotRepresentable, remap_partitions
 from .readers import Checkpoint
-from .repickle import safe_save
+from .repickle import copy_inert, safe_save
 from .report import RemapReport
 from .safe_pickle import safe_load
 
@@ -88,7 +87,9 @@ def write_deepspeed_folder(ck: Checkpoint, new: dict, report: RemapReport, tmp: 
             dropped.append(str(rel))
             continue
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, tmp / rel)
+        note = copy_inert(p, tmp / rel)
+        if note:
+            report.notes.append(note)
     obj = _remapped(info.container, info.state_key, new, report)
     for k in ("param_shapes", "frozen_param_shapes"):
         if k in obj:

@@ -22,7 +22,7 @@ from ..files import read_index, read_json
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
 from .errors import CheckpointError
-from .safe_pickle import UnsafeCheckpointError, placeholders_in, safe_load
+from .safe_pickle import UnsafeCheckpointError, check_inert, placeholders_in, safe_load
 from .safetensors import SafetensorsFile
 
 
@@ -156,7 +156,7 @@ def _open_folder(folder: Path) -> Checkpoint:
             return _open_deepspeed(sub, info)
 
     if (folder / "optimizer.pt").is_file():  # a transformers Trainer checkpoint-N folder
-        opt = safe_load(folder / "optimizer.pt")
+        opt = check_inert(folder / "optimizer.pt", "read it as an optimizer state")
         if isinstance(opt, dict) and isinstance(opt.get("state"), dict):
             info.optimizer = opt
             info.notes.append("optimizer.pt: torch optimizer state (moments remapped with the weights)")
@@ -199,7 +199,9 @@ def _open_files(info: CheckpointInfo, files: list[str]) -> Checkpoint:
         return Checkpoint(info, meta)
     eager: dict = {}
     for f in files:
-        sd = _tensors_of(safe_load(info.root / f), info.root / f, info)
+        # a folder's weight shards are state dicts: a global that is not inert is damage or an attack, and
+        # an untouched shard is linked into convert's output as it is
+        sd = _tensors_of(check_inert(info.root / f, "read it as weights"), info.root / f, info)
         info.files[f] = list(sd)
         for k, t in sd.items():
             meta[k] = (tuple(t.shape), t.dtype, f)

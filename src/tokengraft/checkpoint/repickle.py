@@ -28,7 +28,7 @@ import torch
 
 from ..outdir import atomic_file
 from .inert import is_inert_global, placeholder_global
-from .safe_pickle import UnsafeCheckpointError
+from .safe_pickle import UnsafeCheckpointError, check_inert
 
 
 def _refuse_unless_inert(module: str, name: str) -> None:
@@ -74,3 +74,28 @@ def safe_save(obj, path, protocol: int = 2) -> Path:
     with atomic_file(path) as tmp:
         torch.save(obj, tmp, pickle_module=_pickle_module, pickle_protocol=protocol)
     return path
+
+
+def looks_pickled(path: Path) -> bool:
+    """A torch zip checkpoint or a raw pickle (protocol 2+), judged by its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
+def copy_inert(src: Path, dst: Path) -> str | None:
+    """Copy ``src`` into an output unless it is a pickle that names a global not known to be inert
+    (a Trainer's ``training_args.bin``, a planted payload): then leave it out and return the note
+    saying which global; loading what tokengraft writes never runs code, whatever is installed."""
+    import shutil
+
+    if looks_pickled(src):
+        try:
+            check_inert(src, "copy it into the output")
+        except UnsafeCheckpointError as e:
+            return f"{src.name} left out of the output: {str(e).split(': ', 1)[-1]}"
+    shutil.copy2(src, dst)
+    return None

@@ -229,6 +229,12 @@ def lenient_resume():
     strict_load = hf_trainer.deepspeed_load_checkpoint
 
     def load(model, path, load_module_strict=True):
+        # DeepSpeed's engine torch.loads its files with weights_only=False: hand it only files whose
+        # every pickled global is known to be inert (read first by the restricted unpickler)
+        from ..checkpoint.safe_pickle import check_inert
+
+        for f in sorted(Path(path).glob("global_step*/*.pt")):
+            check_inert(f, "give it to DeepSpeed's loader, which runs what a pickle names")
         return strict_load(model, path, load_module_strict=False)
 
     hf_trainer.deepspeed_load_checkpoint = load
