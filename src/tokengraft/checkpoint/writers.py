@@ -19,6 +19,7 @@ from ..manifest import Manifest
 from ..vocab import fingerprint
 from .errors import CheckpointError
 from .readers import Checkpoint
+from .repickle import copy_inert
 from .report import RemapReport
 from .safetensors import SafetensorsFile
 from .stream import LazyRemap
@@ -146,7 +147,9 @@ def write_metadata(info, tgt: Target, tmp: Path, rows: int, report: RemapReport,
         skip = set(info.files) | set(INDEX_FILES) | set(TOKENIZER_OUT) | {MANIFEST_FILE, "adapter_config.json"}
         for p in sorted(info.path.iterdir()):
             if p.is_file() and p.name not in skip and not (tmp / p.name).exists():
-                shutil.copy2(p, tmp / p.name)
+                note = copy_inert(p, tmp / p.name)  # a pickle naming a non-inert global is left out
+                if note:
+                    report.notes.append(note)
     if (tmp / "config.json").is_file():
         cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         (tmp / "config.json").write_text(json.dumps(set_config_rows(cfg, rows, tgt.config), indent=2) + "\n",
