@@ -69,3 +69,34 @@ def check_readable(folder) -> None:
                            f"{f'; and {len(found) - 1} more' if len(found) > 1 else ''}); this environment has "
                            f"transformers {_text(transformers_version())}: make the folder portable first with "
                            f"`tokengraft export {folder} -o DST` where transformers >= 5 is installed, then use DST")
+
+
+def set_image_token_id(config, token_id: int) -> None:
+    """A LLaVA config's image placeholder id. Llava's real field is ``image_token_index`` in every
+    version (5.x maps ``image_token_id`` onto it; in 4.x that name would be a stray attribute the
+    model never reads); configs that only know ``image_token_id`` get that."""
+    setattr(config, "image_token_index" if hasattr(config, "image_token_index") else "image_token_id", token_id)
+
+
+def llava_parts(model) -> dict:
+    """A ``LlavaForConditionalGeneration``'s modules under one set of names: ``text`` (the decoder
+    without its head), ``lm_head``, ``vision_tower``, ``projector``. transformers 5 nests them in
+    ``model.model`` with the head outside; 4.x keeps a whole causal LM in ``model.language_model``."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "language_model"):  # transformers >= 4.52 / 5
+        return {"text": inner.language_model, "lm_head": model.lm_head, "vision_tower": inner.vision_tower,
+                "projector": inner.multi_modal_projector}
+    lm = model.language_model  # 4.48: LlavaForConditionalGeneration.language_model is a ...ForCausalLM
+    return {"text": lm.model, "lm_head": lm.lm_head, "vision_tower": model.vision_tower,
+            "projector": model.multi_modal_projector}
+
+
+def resize_rows(model, rows: int) -> None:
+    """``resize_token_embeddings(rows)`` without transformers' mean-and-noise start: tokengraft
+    initializes every new row itself. 4.48's ``LlavaForConditionalGeneration`` has no
+    ``mean_resizing`` argument (its language model then starts the rows at the mean; they are
+    overwritten all the same)."""
+    import inspect
+
+    takes = "mean_resizing" in inspect.signature(model.resize_token_embeddings).parameters
+    model.resize_token_embeddings(rows, **({"mean_resizing": False} if takes else {}))

@@ -15,6 +15,7 @@ import torch
 
 from . import init as I
 from .errors import TokengraftError
+from .compat import resize_rows
 from .hf import image_token_id, is_tied, rows_of, sync_config
 from .manifest import ROLES, AddedToken, Manifest
 from .vocab import add_token, add_tokens, fingerprint, vocab_of  # noqa: F401  (add_token: public)
@@ -163,7 +164,7 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
     rows = rows_before
     if needed > rows_before:
         rows = math.ceil(needed / pad_to_multiple_of) * pad_to_multiple_of
-        model.resize_token_embeddings(rows, mean_resizing=False)
+        resize_rows(model, rows)
     if is_tied(model) != tied:
         raise GraftError("resizing changed whether the head is tied; this model's resize is not supported")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .compat import set_image_token_id
 from .errors import TokengraftError
 from .manifest import Manifest
 from .vocab import fingerprint, vocab_of
@@ -105,7 +106,7 @@ def finalize(model, tokenizer, processor, manifest: Manifest | None) -> Manifest
     sync_config(model, rows, tied)
     img = image_token_of(model, tokenizer, processor)
     if img is not None:
-        model.config.image_token_id = img
+        set_image_token_id(model.config, img)
     vocab = vocab_of(tokenizer)
     if manifest is None:
         manifest = Manifest(base_fingerprint=fingerprint(vocab), base_size=len(vocab), rows=rows, tied=tied)

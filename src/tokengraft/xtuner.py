@@ -31,7 +31,7 @@ from .checkpoint.errors import XTunerError
 from .checkpoint.lora import lora_ranks, merge_lora, merge_peft, unwrap_peft_names
 from .checkpoint.xtuner_layout import (check_named_rows, checkpoint_rows, lora_setting, read_xtuner, split_export,
                                         split_parts)
-from .compat import check_readable, dtype_kwargs
+from .compat import check_readable, dtype_kwargs, llava_parts, resize_rows, set_image_token_id
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -228,7 +228,7 @@ def _language_model(inp: _Inputs, user: list, tokenizer, lora_alpha, loaded: dic
         raise XTunerError(f"the checkpoint's vocabulary rows ({rows_ck}) are fewer than the LLM's ({rows_of(lm)}); "
                           f"was the run built on another LLM folder than {inp.llm}?")
     if rows_ck is not None and rows_ck > rows_of(lm):
-        lm.resize_token_embeddings(rows_ck, mean_resizing=False)  # XTuner resized the LLM before training
+        resize_rows(lm, rows_ck)  # XTuner resized the LLM before training
         inp.notes.append(f"the checkpoint has {rows_ck} vocabulary rows, the LLM {n_base} tokens: rows {n_base}.."
                          f"{rows_ck - 1} are taken to be the given tokens in order (XTuner stores no vocabulary)")
     tied = is_tied(lm)
@@ -327,7 +327,7 @@ def _graft_tokens(model, L: _LLM, user: list, notes: list[str]):
             if t is not None and (vin is not None or vout is not None):
                 t.init = "xtuner checkpoint row (by order)"
     img_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    model.config.image_token_id = img_id
+    set_image_token_id(model.config, img_id)
     if img_id in set(ids.values()) or tok.pad_token_id in set(ids.values()):
         raise XTunerError("internal: <image> or the pad token collides with a user token")  # graft forbids this
     return manifest, ids, keep, img_id
@@ -363,17 +363,18 @@ def _assemble(lm, clip, projector: dict, tied: bool):
                           f"{sorted(projector)[:6]}; other projector depths do not map to transformers' Llava")
     vcfg = clip.config
     n_patches = (vcfg.image_size // vcfg.patch_size) ** 2
-    cfg = LlavaConfig(text_config=lm.config, vision_config=vcfg, image_token_id=0,  # set after the graft
+    cfg = LlavaConfig(text_config=lm.config, vision_config=vcfg, image_token_index=0,  # set after the graft
                       vision_feature_layer=XTUNER_FEATURE_LAYER, vision_feature_select_strategy="default",
                       image_seq_length=n_patches, projector_hidden_act="gelu",
                       multimodal_projector_bias="model.0.bias" in projector, tie_word_embeddings=tied)
     model = LlavaForConditionalGeneration(cfg).float()
-    _load_into(model.model.language_model, lm.model.state_dict(), "llm")
+    part = llava_parts(model)  # the module names differ between transformers 4.x and 5
+    _load_into(part["text"], lm.model.state_dict(), "llm")
     if not tied:
-        _load_into(model.lm_head, lm.lm_head.state_dict(), "llm.lm_head")
-    _load_into(model.model.vision_tower, clip.state_dict(), "visual_encoder")
+        _load_into(part["lm_head"], lm.lm_head.state_dict(), "llm.lm_head")
+    _load_into(part["vision_tower"], clip.state_dict(), "visual_encoder")
     proj = {k.replace("model.0.", "linear_1.").replace("model.2.", "linear_2."): v for k, v in projector.items()}
-    _load_into(model.model.multi_modal_projector, proj, "projector")
+    _load_into(part["projector"], proj, "projector")
     model.generation_config = lm.generation_config
     return model.eval()
 

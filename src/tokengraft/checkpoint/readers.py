@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..files import read_index, read_json
+from ..files import read_json
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
 from .errors import CheckpointError
 from .safe_pickle import UnsafeCheckpointError, check_inert, placeholders_in, safe_load
 from .safetensors import SafetensorsFile
+from .weight_files import weight_files
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tekken.json")
@@ -160,23 +161,16 @@ def _open_folder(folder: Path) -> Checkpoint:
         if isinstance(opt, dict) and isinstance(opt.get("state"), dict):
             info.optimizer = opt
             info.notes.append("optimizer.pt: torch optimizer state (moments remapped with the weights)")
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index_name).is_file():
-            wm = read_index(folder / index_name, error=CheckpointError)
-            files = sorted(set(wm.values()))
-            missing = [f for f in files if not (folder / f).is_file()]
-            if missing:
-                raise CheckpointError(f"{folder / index_name}: points at missing shard(s) {', '.join(missing)}; "
-                                      f"the download is incomplete")
-            ck = _open_files(info, files)
-            not_found = [k for k in wm if k not in ck._meta]
-            if not_found:
-                raise CheckpointError(f"{folder / index_name}: {len(not_found)} key(s) listed in the index are not "
-                                      f"in their shards (first: {not_found[0]!r}); the checkpoint is corrupt")
-            return ck
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return _open_files(info, [single])
+    found = weight_files(folder)  # what transformers loads, in its order (a single file wins over an index)
+    if found is not None:
+        ck = _open_files(info, found.files)
+        if found.beside:
+            info.notes.append(f"{found.entry} read, as transformers does; {', '.join(found.beside)} beside it ignored")
+        not_found = [k for k in found.weight_map if k not in ck._meta]
+        if not_found:
+            raise CheckpointError(f"{folder / found.entry}: {len(not_found)} key(s) listed in the index are not "
+                                  f"in their shards (first: {not_found[0]!r}); the checkpoint is corrupt")
+        return ck
     sts = sorted(p.name for p in folder.glob("*.safetensors"))
     if sts:
         return _open_files(info, sts)

@@ -20,13 +20,13 @@ from ..vocab import fingerprint
 from .errors import CheckpointError
 from .readers import Checkpoint
 from .repickle import copy_inert
+from .weight_files import INDEX_FILES
 from .report import RemapReport
 from .safetensors import SafetensorsFile
 from .stream import LazyRemap
 from .stwriter import DTYPE_NAMES, Entry, copy_entry, tensor_entry, write_safetensors
 from .target import TOKENIZER_OUT, Target
 
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
@@ -59,6 +59,8 @@ def write_same_layout(ck: Checkpoint, tmp: Path, new: dict, report: RemapReport)
     for idx in INDEX_FILES:
         if (info.root / idx).is_file():
             data = json.loads((info.root / idx).read_text(encoding="utf-8"))
+            if not set(data.get("weight_map", {}).values()) <= set(info.files):
+                continue  # an index left beside the single file transformers (and the reader) loads
             total = sum(_nbytes(ck, k, new) for k in ck.keys())
             data.setdefault("metadata", {})["total_size"] = total
             (tmp / idx).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -1,7 +1,8 @@
 """A model folder's weights, read without building a model and without running anything.
 
-safetensors (single file, or shards named by ``model.safetensors.index.json``) go through the one
-validated reader, :class:`tokengraft.checkpoint.safetensors.SafetensorsFile`; ``pytorch_model.bin``
+The files are the ones transformers loads, in its order (:mod:`tokengraft.checkpoint.weight_files`:
+a single ``model.safetensors`` wins over an index and shards left beside it). safetensors go
+through the one validated reader, :class:`tokengraft.checkpoint.safetensors.SafetensorsFile`; ``pytorch_model.bin``
 (single or sharded) goes through the restricted unpickler, which never executes the file.
 Either way doctor sees the same small interface: keys, shape, dtype, rows(key, a, b).
 """
@@ -11,23 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..files import read_index
-
-ST_INDEX, ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
-BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+from ..checkpoint.weight_files import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, weight_files
 
 
 class WeightsMissing(Exception):
     """The folder holds no weights, or its index names a shard that is not there."""
-
-
-def _shards(folder: Path, index: str) -> dict[str, str]:
-    """key -> shard file, from an index (a JSON error propagates to the caller's finding)."""
-    wm = read_index(folder / index)
-    for f in sorted(set(wm.values())):
-        if not (folder / f).is_file():
-            raise WeightsMissing(f"{folder / f}: shard named in {index} is missing; copy the complete checkpoint")
-    return wm
 
 
 class FolderWeights:
@@ -37,21 +26,17 @@ class FolderWeights:
         self.folder = Path(folder)
         self._open: dict[str, object] = {}  # shard file -> SafetensorsFile or a dict of tensors
         f = self.folder
-        if (f / ST_INDEX).is_file():
-            self.name, self.kind, self._where = ST_INDEX, "safetensors", _shards(f, ST_INDEX)
-        elif (f / ST_SINGLE).is_file():
-            self.name, self.kind = ST_SINGLE, "safetensors"
-            self._where = {k: ST_SINGLE for k in self._file(ST_SINGLE).keys()}
-        elif (f / BIN_INDEX).is_file():
-            self.name, self.kind, self._where = BIN_INDEX, "pickle", _shards(f, BIN_INDEX)
-        elif (f / BIN_SINGLE).is_file():
-            self.name, self.kind = BIN_SINGLE, "pickle"
-            self._where = {k: BIN_SINGLE for k in self._file(BIN_SINGLE)}
-        else:
+        found = weight_files(f, error=WeightsMissing)  # the files transformers loads, in its order
+        if found is None:
             others = sorted(p.name for p in f.glob("*.safetensors")) + sorted(p.name for p in f.glob("*.bin"))
-            hint = (f" ({', '.join(others[:3])} without {ST_INDEX})" if others else "")
-            raise WeightsMissing(f"{f}: no weights: neither {ST_SINGLE} nor {ST_INDEX} nor {BIN_SINGLE}{hint}; "
-                                 f"save the model with model.save_pretrained, or copy the weight files too")
+            hint = (f" ({', '.join(others[:3])} without {SAFE_INDEX})" if others else "")
+            raise WeightsMissing(f"{f}: no weights: neither {SAFE_SINGLE} nor {SAFE_INDEX} nor {BIN_SINGLE} nor "
+                                 f"{BIN_INDEX}{hint}; save the model with model.save_pretrained, or copy the weight "
+                                 f"files too")
+        self.name, self.kind, self.beside = found.entry, found.kind, found.beside
+        self._where = dict(found.weight_map)
+        for shard in found.files if not found.weight_map else ():
+            self._where.update({k: shard for k in self._file(shard).keys()})
         for shard in sorted(set(self._where.values())):
             self._file(shard)  # open (and validate) every shard now: a damaged one is found up front
 
