@@ -309,3 +309,49 @@ def test_a_non_finite_loss_stops_at_step_one(smollm2_dir, data_file, tmp_path):
     line = one_line_error(tg(*argv(d, data_file, out, "--max-steps", "5", "--save-steps", "1")))
     assert line.startswith("tokengraft train: error: step 1: the loss is nan") and "no checkpoint" in line, line
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_export_and_resume_check_the_base_weights(smollm2_dir, data_file, tmp_path):
+    """Issue 23 item 3: run.json recorded only the vocabulary, so `export --verify` of a run whose base
+    weights changed after training said OK. Now it records a fingerprint of every base weight file:
+    a re-trained base (same vocabulary), or a weight file added beside it, is refused in one line
+    naming the file, on export and on --resume; a run.json without it is exported with a warning."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    base, out = tmp_path / "base", tmp_path / "run"
+    tiny_llama(tok, tied=True, hidden=32).save_pretrained(base)
+    tok.save_pretrained(base)
+    assert tg(*argv(base, data_file, out, "--max-steps", "2", "--save-steps", "2")).returncode == 0
+    recorded = json.loads((out / "run.json").read_text())["base_weights"]
+    assert set(recorded) == {"model.safetensors"} and len(recorded["model.safetensors"]) == 64
+    export = [sys.executable, "-m", "tokengraft", "export", str(out), "--verify"]
+    shutil.copy(base / "model.safetensors", tmp_path / "original.safetensors")
+    tiny_llama(tok, tied=True, hidden=32, seed=1).save_pretrained(base)  # re-trained: same vocabulary
+    line = export_error(tg(*export, "-o", tmp_path / "e1"))
+    assert "weight file model.safetensors differs" in line and str(base) in line, line
+    line = one_line_error(tg(*argv(base, data_file, out, "--max-steps", "3", "--resume")))
+    assert "model.safetensors differs" in line, line
+    assert json.loads((out / "run.json").read_text())["base_weights"] == recorded  # refused before writing
+    shutil.copy(tmp_path / "original.safetensors", base / "model.safetensors")
+    (base / "pytorch_model.bin").write_bytes(b"weights transformers might load instead")
+    line = export_error(tg(*export, "-o", tmp_path / "e2"))
+    assert "weight file pytorch_model.bin is new" in line, line
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+    (base / "pytorch_model.bin").unlink()
+    old = json.loads((out / "run.json").read_text())
+    del old["base_weights"]  # what an older tokengraft wrote
+    (out / "run.json").write_text(json.dumps(old))
+    ok = tg(*export, "-o", tmp_path / "e3")
+    assert ok.returncode == 0 and "verify: OK" in ok.stdout + ok.stderr, ok.stderr[-2000:]
+    assert "records no fingerprint of the base weights" in ok.stdout + ok.stderr
+
+
+def export_error(proc) -> str:
+    """`tokengraft export`'s one error line (progress bars of the libraries aside), exit 2."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("tokengraft export")]
+    assert len(lines) == 1 and lines[0].startswith("tokengraft export: error: "), proc.stderr[-2000:]
+    return lines[0]

@@ -46,7 +46,7 @@ def load_source(source, adapter=None, log=print):
         except ImportError:
             raise ExportError(f"{p}: not a model folder (no config.json with weights), and reading training "
                               f"runs needs tokengraft.train, which this installation lacks") from None
-        model, tokenizer, processor, manifest = load_run(p)
+        model, tokenizer, processor, manifest = load_run(p, warn=log)  # the base weights' check warns here
         model = model.float().eval()
         return model, tokenizer, processor, manifest, kind
     from ..io import load_folder

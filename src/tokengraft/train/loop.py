@@ -39,7 +39,8 @@ from .preflight import PreflightError, preflight, tokens_from_data
 from .callbacks import (CtrlC, Diverged, Monitor, RemapMoments, StopAfter, _rank, _world, diverged, on_ctrl_c,
                         peak_memory)
 from .resume import check_checkpoint
-from .run import RunInfo, gather_parts, last_checkpoint, resume_parts, save_parts
+from .run import (RunInfo, check_base_weights, gather_parts, last_checkpoint, resume_parts, save_parts,
+                  weights_fingerprint)
 from .runfolder import prepare_run_folder
 from . import zero3
 
@@ -260,6 +261,8 @@ def train(cfg: TrainConfig, log=None) -> Path:
     log = log or (print if rank0 else (lambda *a, **k: None))
     run_dir = Path(cfg.output_dir)
     ckpt = _resume_folder(cfg)
+    if ckpt is not None:  # before anything is loaded or written: the checkpoint's base is --model's
+        check_base_weights(Path(cfg.model), RunInfo.load(ckpt).base_weights, log, what=str(ckpt / "run.json"))
     fsdp_args(cfg)  # refuse --fsdp outside torchrun before anything is written
     zero3.training_args(cfg, _world())  # the same for --deepspeed
     if cfg.deepspeed:
@@ -310,7 +313,8 @@ def train(cfg: TrainConfig, log=None) -> Path:
     info = RunInfo(base_model=str(Path(cfg.model).resolve()), base_vocab_fingerprint=base_fp, mode=cfg.mode,
                    tokens=token_dicts, new_tokens=new_tokens, tied=manifest.tied,
                    pad_to_multiple_of=cfg.pad_to_multiple_of, train_projector=cfg.train_projector,
-                   train_vision=cfg.train_vision, lora=lora if cfg.mode == "lora" else {})
+                   train_vision=cfg.train_vision, lora=lora if cfg.mode == "lora" else {},
+                   base_weights=weights_fingerprint(cfg.model))
     if rank0:
         # the first write into the output: everything above has been checked
         prepare_run_folder(cfg, resuming=ckpt is not None, clear=True)

@@ -58,6 +58,7 @@ class RunInfo:
     train_projector: bool = False
     train_vision: bool = False
     lora: dict = field(default_factory=dict)
+    base_weights: dict = field(default_factory=dict)  # weight file name -> weights_fingerprint(); {} before 0.x
     schema_version: int = RUN_SCHEMA
 
     def save(self, folder) -> Path:
@@ -79,6 +80,67 @@ class RunInfo:
             return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
         except TypeError as e:
             raise RunError(f"{p}: malformed ({e})") from None
+
+
+# -- the base weights' fingerprint ------------------------------------------------------------
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json")
+SAMPLE = 256  # bytes hashed at the start, middle and end of every tensor (or of every 1/64 of another file)
+
+
+def _spans(path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of the bytes a fingerprint hashes: a safetensors file's header and a sample of
+    every tensor (so no tensor escapes), anything else 64 evenly spaced samples (an index: all of it)."""
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        try:
+            with SafetensorsFile(path) as st:
+                spans = [(0, st.data_start)]
+                for k in st.keys():
+                    a, b = st.span(k)
+                    spans += [(a, min(SAMPLE, b - a)), ((a + b) // 2, min(SAMPLE, b - (a + b) // 2)),
+                              (max(a, b - SAMPLE), min(SAMPLE, b - a))]
+                return spans
+        except Exception:  # not a readable safetensors file: sampled like any other (fine for a hash)
+            pass
+    if path.name.endswith(".json") or size <= 64 * SAMPLE:
+        return [(0, size)]
+    return [(size * i // 64, SAMPLE) for i in range(64)] + [(size - SAMPLE, SAMPLE)]
+
+
+def weights_fingerprint(folder) -> dict[str, str]:
+    """{weight file name: sha256 of its size and sampled bytes (see _spans)} for every weight file at
+    the top of ``folder``. Cheap (SmolLM2's 538 MB: 239 KB read, 45-150 ms; a full sha256: 2-2.4 s);
+    it changes when any tensor is replaced, re-trained, resized or re-typed (one edited element in the
+    middle of a tensor can escape it)."""
+    import hashlib
+
+    out = {}
+    for f in sorted({p for pat in WEIGHT_FILES for p in Path(folder).glob(pat) if p.is_file()}):
+        h = hashlib.sha256(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            for off, n in _spans(f):
+                fh.seek(off)
+                h.update(fh.read(n))
+        out[f.name] = h.hexdigest()
+    return out
+
+
+def check_base_weights(base: Path, recorded: dict, warn=lambda *a: None, what: str = RUN_FILE) -> None:
+    """``base`` still holds the weights ``recorded`` (RunError naming the first file that changed,
+    appeared or went); a run.json from before the fingerprint existed only gets a warning."""
+    if not recorded:
+        warn(f"warning: {what} records no fingerprint of the base weights (written by an older tokengraft); "
+             f"cannot check that {base} still holds the weights the run trained on")
+        return
+    got = weights_fingerprint(base)
+    for name in sorted(set(got) | set(recorded)):
+        if got.get(name) != recorded.get(name):
+            how = ("is gone" if name not in got else "is new (transformers may load it instead)"
+                   if name not in recorded else "differs from the one the run trained on")
+            raise RunError(f"base model folder {base}: weight file {name} {how} ({what} records "
+                           f"{len(recorded)} weight file(s) by fingerprint); use the base the run was trained "
+                           f"from (--model, or base_model in {RUN_FILE})")
 
 
 # -- saving the trained parts -----------------------------------------------------------------
@@ -237,9 +299,10 @@ def _parts_folder(path: Path) -> Path:
                    f"the run has not saved anything yet")
 
 
-def rebuild_base(info: RunInfo, expect_manifest: Manifest | None = None, log=lambda *a: None):
+def rebuild_base(info: RunInfo, expect_manifest: Manifest | None = None, log=lambda *a: None, warn=None):
     """Re-load the base folder recorded in ``info`` and graft the run's tokens onto it:
-    (model, tokenizer, processor, manifest). Fails if the base folder's vocabulary changed."""
+    (model, tokenizer, processor, manifest). Fails if the base folder's weights or vocabulary changed;
+    ``warn`` (default ``log``) gets the warning for a run.json without a weights fingerprint."""
     from ..graft import graft
     from ..io import load_folder
 
@@ -247,6 +310,7 @@ def rebuild_base(info: RunInfo, expect_manifest: Manifest | None = None, log=lam
     if not base.is_dir():
         raise RunError(f"base model folder {base} (recorded in {RUN_FILE}) does not exist; "
                        f"restore it, or edit base_model in {RUN_FILE} to where it now lives")
+    check_base_weights(base, info.base_weights, warn or log)
     model, tok, proc, manifest0 = load_folder(base)
     got = fingerprint(vocab_of(tok))
     if got != info.base_vocab_fingerprint:
@@ -267,7 +331,7 @@ def rebuild_base(info: RunInfo, expect_manifest: Manifest | None = None, log=lam
     return model, tok, proc, manifest
 
 
-def load_run(path, log=lambda *a: None):
+def load_run(path, log=lambda *a: None, warn=None):
     """``(model, tokenizer, processor_or_None, manifest)`` from a run folder or one of its checkpoints.
 
     The base model is re-loaded from the path recorded in ``run.json``, the tokens are grafted as the
@@ -282,7 +346,7 @@ def load_run(path, log=lambda *a: None):
     parts = _parts_folder(path)
     info = RunInfo.load(parts)
     manifest_saved = Manifest.load(parts)
-    model, tok, proc, manifest = rebuild_base(info, manifest_saved, log)
+    model, tok, proc, manifest = rebuild_base(info, manifest_saved, log, warn)
     if info.mode == "full":
         _load_named(model, parts / FULL_FILE)
     elif (parts / PROJECTOR_FILE).is_file():
