@@ -1,9 +1,11 @@
-"""Where the source vocabulary of a checkpoint comes from, in order of trust:
+"""Where the source vocabulary of a checkpoint comes from:
 
-1. the checkpoint's own tokenizer (its folder) or its ``tokengraft.json`` (base + added tokens);
-2. ``source_tokenizer``: a tokenizer object or a folder holding one;
-3. ``source_tokens``: the target's base vocabulary plus these tokens, in id order;
-4. nothing: the caller maps rows by index, and says so loudly.
+1. what the caller says explicitly: ``source_tokenizer`` (a tokenizer object or a folder holding
+   one) or ``source_tokens`` (the target's base vocabulary plus these tokens, in id order); both
+   at once is a conflict. An explicit source wins over the checkpoint's own tokenizer, and the
+   sentence returned says when that one differs (never silently overridden either way);
+2. the checkpoint's own tokenizer (its folder) or its ``tokengraft.json`` (base + added tokens);
+3. nothing: the caller maps rows by index, and says so loudly.
 """
 from __future__ import annotations
 
@@ -110,29 +112,55 @@ def base_of(target_vocab: list, target_manifest: Manifest | None, tokens: list[s
     return list(target_vocab[: min(ids)]) if ids else list(target_vocab)
 
 
-def resolve_source_vocab(info, target_vocab, *, target_manifest: Manifest | None = None, source_tokenizer=None,
-                         source_tokens=None) -> tuple[list | None, str]:
-    """(source vocabulary or None, a sentence saying where it came from)."""
+def _own_vocab(info, target_vocab) -> tuple[list | None, str]:
+    """The checkpoint's own vocabulary (its tokenizer, else its tokengraft.json), or (None, "")."""
     if info is not None and info.tokenizer_dir is not None:
         v = tokenizer_vocab(info.tokenizer_dir)
         return v, f"the checkpoint's own tokenizer ({info.tokenizer_dir}, {len(v)} tokens)"
     if info is not None and info.manifest is not None and target_vocab is not None:
         v = manifest_vocab(info.manifest, target_vocab, str(info.path))
         return v, f"the checkpoint's tokengraft.json (base {info.manifest.base_size} + {len(info.manifest.tokens)} tokens)"
+    return None, ""
+
+
+def _given_vocab(target_vocab, target_manifest, source_tokenizer, source_tokens) -> tuple[list, str]:
     if source_tokenizer is not None:
         v = tokenizer_vocab(source_tokenizer)
         return v, f"--source-tokenizer {source_tokenizer if isinstance(source_tokenizer, (str, Path)) else ''}".strip() \
             + f" ({len(v)} tokens)"
-    if source_tokens is not None:
-        toks = [t.strip() for t in source_tokens.split(",")] if isinstance(source_tokens, str) else list(source_tokens)
-        toks = [t for t in toks if t]
-        if target_vocab is None:
-            raise SourceVocabError("--source-tokens needs a target tokenizer (its base vocabulary comes first)")
-        if len(set(toks)) != len(toks):
-            raise SourceVocabError(f"--source-tokens lists a token twice: {toks}")
-        base = base_of(target_vocab, target_manifest, toks)
-        clash = [t for t in toks if t in set(base)]
-        if clash:
-            raise SourceVocabError(f"--source-tokens: {clash} are already in the target's base vocabulary")
-        return base + toks, f"the target's base ({len(base)} tokens) + --source-tokens {','.join(toks)}"
-    return None, "none found (no tokenizer or tokengraft.json in the checkpoint, no --source-tokenizer/--source-tokens)"
+    toks = [t.strip() for t in source_tokens.split(",")] if isinstance(source_tokens, str) else list(source_tokens)
+    toks = [t for t in toks if t]
+    if target_vocab is None:
+        raise SourceVocabError("--source-tokens needs a target tokenizer (its base vocabulary comes first)")
+    if len(set(toks)) != len(toks):
+        raise SourceVocabError(f"--source-tokens lists a token twice: {toks}")
+    base = base_of(target_vocab, target_manifest, toks)
+    clash = [t for t in toks if t in set(base)]
+    if clash:
+        raise SourceVocabError(f"--source-tokens: {clash} are already in the target's base vocabulary")
+    return base + toks, f"the target's base ({len(base)} tokens) + --source-tokens {','.join(toks)}"
+
+
+def resolve_source_vocab(info, target_vocab, *, target_manifest: Manifest | None = None, source_tokenizer=None,
+                         source_tokens=None) -> tuple[list | None, str]:
+    """(source vocabulary or None, a sentence saying where it came from)."""
+    if source_tokenizer is not None and source_tokens is not None:
+        raise SourceVocabError("--source-tokenizer and --source-tokens both say what the checkpoint's vocabulary is; "
+                               "pass one of them")
+    if source_tokenizer is None and source_tokens is None:
+        own, how = _own_vocab(info, target_vocab)
+        if own is not None:
+            return own, how
+        return None, "none found (no tokenizer or tokengraft.json in the checkpoint, no --source-tokenizer/--source-tokens)"
+    v, how = _given_vocab(target_vocab, target_manifest, source_tokenizer, source_tokens)
+    try:
+        own, own_how = _own_vocab(info, target_vocab)
+    except TokengraftError as e:  # the checkpoint's own is unreadable: the flag is all there is
+        return v, f"{how}, as given (the checkpoint's own vocabulary is unreadable: {e})"
+    if own is None:
+        return v, how
+    if own == v:
+        return v, f"{how}, as given (the same as {own_how})"
+    diff = next((i for i, (a, b) in enumerate(zip(own, v)) if a != b), min(len(own), len(v)))
+    return v, (f"{how}, as given: it wins over {own_how}, which differs (first at id {diff}: "
+               f"{own[diff] if diff < len(own) else '<none>'!r} vs {v[diff] if diff < len(v) else '<none>'!r})")

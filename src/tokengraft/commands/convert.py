@@ -29,11 +29,12 @@ is never modified. HF and PEFT folders keep their layout; other sources become m
 (plus optimizer.pt with remapped moments when the source had an optimizer state). OUT also gets
 TARGET's tokenizer and a tokengraft.json recording the conversion.
 
-Source vocabulary, first found wins:
-  1. the checkpoint's own tokenizer or tokengraft.json;
-  2. --source-tokenizer DIR;
-  3. --source-tokens: TARGET's base vocabulary followed by these tokens, in id order;
-  4. none: rows are mapped BY INDEX, with a loud warning naming that assumption."""
+Source vocabulary:
+  1. what you pass: --source-tokenizer DIR, or --source-tokens (TARGET's base vocabulary followed
+     by these tokens, in id order); not both. It wins over the checkpoint's own tokenizer, and the
+     report says when that one differs;
+  2. else the checkpoint's own tokenizer or tokengraft.json;
+  3. else none: rows are mapped BY INDEX, with a loud warning naming that assumption."""
 
 EPILOG = """\
 examples:
@@ -57,7 +58,7 @@ def register(subparsers, name):
                    help="folder with the target tokenizer (and usually config.json and tokengraft.json), or a "
                         "tokengraft.json alone when CHECKPOINT's tokenizer is the manifest's base vocabulary")
     add_output(p)
-    p.add_argument("--source-tokenizer", metavar="DIR", help="folder with the tokenizer CHECKPOINT was trained with")
+    p.add_argument("--source-tokenizer", metavar="DIR", help="folder with the tokenizer CHECKPOINT was trained with (wins over a tokenizer inside CHECKPOINT)")
     p.add_argument("--source-tokens", metavar="'<a>,<b>'",
                    help="CHECKPOINT's vocabulary is TARGET's base plus these tokens, in id order")
     p.add_argument("--init", default="auto", choices=("auto", "mean", "hewitt", "subword", "zero"),
