@@ -303,7 +303,8 @@ def test_image_token_unknown_to_tokenizer(llava_dir, tmp_path):
 
 def test_processor_missing(llava_dir, tmp_path):
     d = variant(llava_dir, tmp_path / "l")
-    (d / "processor_config.json").unlink()
+    for name in ("processor_config.json", "preprocessor_config.json"):  # the image processor is in the second
+        (d / name).unlink(missing_ok=True)
     f = only(check_folder(d), "processor-missing")  # an error since issue 9: no image can be fed
     assert f.severity == "error" and "image_token_index 49152" in f.message
 

@@ -16,6 +16,7 @@ import torch
 from ..hf import set_config_rows
 from ..manifest import FILENAME as MANIFEST_FILE
 from ..manifest import Manifest
+from ..portable import make_portable
 from ..vocab import fingerprint
 from .errors import CheckpointError
 from .readers import Checkpoint
@@ -162,6 +163,7 @@ def write_metadata(info, tgt: Target, tmp: Path, rows: int, report: RemapReport,
     for name in TOKENIZER_OUT + ("generation_config.json",):
         if tgt.folder is not None and (tgt.folder / name).is_file():
             shutil.copy2(tgt.folder / name, tmp / name)
+    make_portable(tmp)  # the config and tokenizer files as every supported transformers reads them
     m = tgt.manifest
     if m is None:
         m = Manifest(base_fingerprint=fingerprint(tgt.vocab), base_size=len(tgt.vocab), rows=rows,

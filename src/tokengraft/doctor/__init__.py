@@ -19,6 +19,7 @@ import contextlib
 
 from ..manifest import Manifest
 from .checks import check_config, check_image_token, check_sizes, check_special_ids, check_tie
+from .compat import check_compat
 from .findings import (SEVERITIES, DoctorError, Finding, format_table, has_errors, sort_findings,
                        to_json)
 from .kl import KL_WARN, kl_findings, kl_of_rows, load_for_kl
@@ -27,7 +28,7 @@ from .subject import EMBED_KEYS, HEAD_KEYS, Rows, Subject, gather_folder, gather
 from .tokens import check_manifest, check_split_tokens, check_suppressed, tied_reality
 
 CHECKS = (check_config, check_sizes, check_tie, check_image_token, check_special_ids, check_nonfinite,
-          check_rows, check_suppressed, check_manifest, check_split_tokens)
+          check_rows, check_suppressed, check_manifest, check_split_tokens, check_compat)
 
 
 def summary(s: Subject) -> Finding:

@@ -124,6 +124,7 @@ def save_folder(model, tokenizer, out, original_folder, manifest=None, overwrite
     from safetensors.torch import save_file
 
     from ..outdir import atomic_folder
+    from ..portable import make_portable
 
     original_folder = Path(original_folder)
     cfg = read_json(original_folder / "config.json")
@@ -160,6 +161,7 @@ def save_folder(model, tokenizer, out, original_folder, manifest=None, overwrite
             manifest = copy.deepcopy(manifest)
             manifest.record("layout", layout=MODEL_TYPE, source_arch=MODEL_TYPE)
             manifest.save(tmp)
+        make_portable(tmp)
         if check is not None:
             check(tmp)
     return Path(out)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint.safetensors import SafetensorsFile
 from ..files import read_json
 from ..manifest import Manifest
+from ..portable import make_portable
 from .adapter import ADAPTER_DIR, ADAPTER_FILE, adapter_folder, lora_weights, save_adapter
 from ..vocab import RowMap, fingerprint, vocab_of
 from ..errors import TokengraftError
@@ -256,6 +257,7 @@ def save_parts(folder, model, base, rows_mod, info: RunInfo, manifest: Manifest,
     if processor is not None:
         processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    make_portable(folder)
     save_rows(folder, info.new_tokens, g["rows"], info.tied)
     if "full" in g:
         _save_atomic(g["full"], folder / FULL_FILE)
