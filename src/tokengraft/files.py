@@ -123,19 +123,27 @@ def _num(b) -> str:
     return f"{int(b):,}" if float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
 
 
-def field(d: dict, key: str, kind: type, where: str, default=_MISSING, *,
-          error: type[TokengraftError] = FileError, expected: str | None = None):
+def field(d: dict, key: str, kind: type, where: str, default=_MISSING, *, lo=None, hi=None,
+          error: type[TokengraftError] = FileError, expected: str | None = None, nullable: bool = False):
     """``d[key]`` if it is of JSON type ``kind`` (bool, str, int, float = any finite number, list,
-    dict), ``default`` when absent (absent and no default: an error); else one line
-    "WHERE: field 'stop' must be true or false, got the string 'false'"."""
+    dict) and, for numbers, in [lo, hi]; ``default`` when absent (absent and no default: an error);
+    ``nullable``: null is allowed too. Else one line "WHERE: field 'stop' must be true or false, got
+    the string 'false'"."""
     if key not in d:
         if default is _MISSING:
             raise error(f"{where}: field {key!r} is missing; it must be {expected or _EXPECTED[kind]}")
         return default
     v = d[key]
-    if not _is(v, kind):
+    if v is None and nullable:
+        return v
+    if kind in (int, float) and (lo is not None or hi is not None):
+        problem = out_of_range(v, kind, lo, hi)
+        if problem:
+            raise error(f"{where}: field {key!r} must be {problem[len('expected '):]}, got {describe(v)}")
+    elif not _is(v, kind):
         want = expected or _EXPECTED[kind] + (" (finite)" if kind is float else "")
-        raise error(f"{where}: field {key!r} must be {want}, got {describe(v)}")
+        raise error(f"{where}: field {key!r} must be {want}" + (" or null" if nullable else "")
+                    + f", got {describe(v)}")
     return v
 
 

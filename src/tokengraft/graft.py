@@ -5,102 +5,22 @@ returns the updated :class:`~tokengraft.manifest.Manifest`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import init as I
-from .errors import TokengraftError
 from .compat import resize_rows
 from .hf import image_token_id, is_tied, rows_of, sync_config
-from .manifest import ROLES, AddedToken, Manifest
+from .manifest import AddedToken, Manifest
+from .tokenspec import GraftError, TokenSpec, parse_tokens  # noqa: F401  (public here since the start)
 from .vocab import add_token, add_tokens, fingerprint, vocab_of  # noqa: F401  (add_token: public)
 from .vocab import encode_many as _encode_many
 from .vocab import runs as _runs
 
 logger = logging.getLogger("tokengraft")
 KL_BUDGET = 5e-7  # nats per position the new rows may cost on real text (tied `auto`: spent on semantics)
-
-
-class GraftError(TokengraftError):
-    pass
-
-
-@dataclass
-class TokenSpec:
-    content: str
-    special: bool = True
-    role: str = "generate"
-    init: str = "auto"
-    description: str | None = None
-    stop: bool = False
-
-
-def parse_tokens(tokens=None, tokens_file: str | None = None) -> list[TokenSpec]:
-    """Tokens from a comma-separated string, a list (of strings, dicts or TokenSpec), and/or a
-    YAML/JSON tokens file. Empty, whitespace-only and duplicate tokens are errors."""
-    items: list = []
-    if isinstance(tokens, str):
-        items += [t for t in tokens.split(",")] if tokens else []
-    elif tokens:
-        items += list(tokens)
-    if tokens_file:
-        items += _read_tokens_file(tokens_file)
-    specs = []
-    for i, it in enumerate(items):
-        if isinstance(it, TokenSpec):
-            spec = it
-        elif isinstance(it, str):
-            spec = TokenSpec(it.strip() if it.strip() else it)
-        elif isinstance(it, dict):
-            unknown = set(it) - set(TokenSpec.__dataclass_fields__)
-            if unknown or "content" not in it:
-                raise GraftError(f"token entry {i}: expected keys content[, description, role, special, init, stop], "
-                                 f"got {sorted(it)}")
-            spec = TokenSpec(**it)
-        else:
-            raise GraftError(f"token entry {i}: expected a string or a mapping, got {type(it).__name__}")
-        if not isinstance(spec.content, str) or not spec.content.strip():
-            raise GraftError(f"token entry {i}: empty or whitespace-only token {spec.content!r}; remove it")
-        if spec.role not in ROLES:
-            raise GraftError(f"token {spec.content!r}: role {spec.role!r} is not one of {ROLES}")
-        method = spec.init.split(":", 1)[0]
-        if method not in I.FOR_GRAFT:
-            raise GraftError(f"token {spec.content!r}: init {spec.init!r} is not one of {I.FOR_GRAFT} (copy as copy:TOKEN)")
-        if method in ("describe", "distill") and not spec.description:
-            raise GraftError(f"token {spec.content!r}: init '{method}' needs a description in the tokens file")
-        specs.append(spec)
-    seen = set()
-    for s in specs:
-        if s.content in seen:
-            raise GraftError(f"token {s.content!r} is listed twice; list each token once")
-        seen.add(s.content)
-    return specs
-
-
-def _read_tokens_file(path: str) -> list:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise GraftError(f"{p}: cannot read tokens file ({e.strerror})") from None
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except Exception as e:  # yaml and json errors differ; both mean the same to the user
-        raise GraftError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({e})") from None
-    if isinstance(data, dict) and "tokens" in data:
-        data = data["tokens"]
-    if not isinstance(data, list):
-        raise GraftError(f"{p}: expected a list of tokens (or a mapping with key 'tokens')")
-    return data
 
 
 # -- graft ------------------------------------------------------------------------------------
@@ -134,9 +54,10 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
         raise GraftError("the tokenizer differs from the one the manifest records; "
                          "was it edited by hand? run `tokengraft doctor` on the folder")
 
+    base_vocab = tokenizer.get_vocab()  # once: get_vocab() builds a fresh dict on every call
+    _check_manifest(manifest, base_vocab)
     grafted = set(manifest.contents)  # one set: a scan per token is quadratic at thousands of tokens
     already = [s.content for s in specs if s.content in grafted]
-    base_vocab = tokenizer.get_vocab()  # once: get_vocab() builds a fresh dict on every call
     in_vocab = {s.content: base_vocab[s.content] for s in specs
                 if s.content not in already and s.content in base_vocab}
     todo = [s for s in specs if s.content not in already and s.content not in in_vocab]
@@ -170,7 +91,9 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
 
     created = list(range(rows_before, rows))  # rows that did not exist before
     token_rows = sorted(ids.values())
+    _note_non_finite(model, len(vocab_before), tied, log)
     _initialize(model, tokenizer, todo, ids, vocab_before, rows_before, created, tied, kl_budget, log)
+    _refuse_non_finite(model, sorted(set(token_rows) | set(created)), tied)
 
     sync_config(model, rows, tied)
     img = image_token_id(model)
@@ -195,6 +118,48 @@ def graft(model, tokenizer, tokens, *, init: str | None = None, pad_to_multiple_
            if rows != rows_before else f"reused free padding rows, no resize ({rows} rows)")
     log(f"added {len(todo)} token(s) at ids {token_rows[0]}..{token_rows[-1]}; {how}")
     return manifest
+
+
+def _check_manifest(manifest: Manifest, vocab: dict) -> None:
+    """The manifest is checked against the tokenizer, never trusted over it (a copied or hand-made
+    tokengraft.json without a fingerprint would turn real additions into "already grafted")."""
+    for t in manifest.tokens:
+        got = vocab.get(t.content)
+        if got != t.id:
+            has = "does not have it" if got is None else f"has it at id {got}"
+            raise GraftError(f"tokengraft.json records {t.content!r} at id {t.id} but the tokenizer {has}: the "
+                             f"manifest does not belong to this tokenizer; restore the folder's own tokengraft.json "
+                             f"or remove it")
+
+
+def _matrices(model, tied) -> list[tuple[str, torch.Tensor]]:
+    """(parameter name, weight) of the input embedding and, untied, the head."""
+    mods = [model.get_input_embeddings()] + ([] if tied else [model.get_output_embeddings()])
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names.get(id(m.weight), "head"), m.weight) for m in mods if m is not None]
+
+
+@torch.no_grad()
+def _note_non_finite(model, n_base: int, tied: bool, log) -> None:
+    """Say so when the base holds inf/NaN rows: every statistic leaves them out (init.looks_trained)."""
+    for name, w in _matrices(model, tied):
+        bad = (~torch.isfinite(w[:n_base]).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            log(f"note: {len(bad)} base row(s) of {name} hold inf/NaN (first: row {bad[0]}); left out of "
+                f"every statistic, kept as they are (`tokengraft doctor` reports them)")
+
+
+@torch.no_grad()
+def _refuse_non_finite(model, rows: list[int], tied: bool) -> None:
+    """Every row the graft wrote is finite, or a one-line error naming the tensor and the row."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    for name, w in _matrices(model, tied):
+        bad = (~torch.isfinite(w[idx]).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            r = rows[bad[0]]
+            raise GraftError(f"row {r} of {name} would be non-finite ({w[r][~torch.isfinite(w[r])][0].item()}): "
+                             f"its init read inf/NaN base rows (copy:/subword/describe of such a token); "
+                             f"choose another --init or repair the base model")
 
 
 @torch.no_grad()

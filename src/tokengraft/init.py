@@ -31,9 +31,13 @@ def auto_method(side: str, tied: bool, semantic_ok: bool) -> str:
 
 def looks_trained(norms: torch.Tensor, rel: float = TRAINED_REL) -> torch.Tensor:
     """The trained-row rule on row norms: above ``rel`` x the median norm (all-zero and near-zero
-    rows, such as Llama-3's reserved tokens, are left out). If no row passes, every row counts."""
-    mask = norms > rel * norms.median()
-    return mask if mask.any() else torch.ones_like(mask)
+    rows, such as Llama-3's reserved tokens, are left out), and so are rows with an inf or NaN: one
+    such row would make every statistic non-finite. If no row passes, every finite row counts."""
+    finite = torch.isfinite(norms)
+    if not finite.any():
+        return finite
+    mask = finite & (norms > rel * norms[finite].median())
+    return mask if mask.any() else finite
 
 
 def markup_words(token: str) -> str:

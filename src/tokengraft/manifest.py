@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from .errors import TokengraftError
+from .files import field as read_field
 from .files import read_json
 
 SCHEMA_VERSION = 1
@@ -70,22 +72,24 @@ class Manifest:
             raise ManifestError(f"{where}: expected a JSON object (schema_version, tokens, ...), found "
                                 f"{type(d).__name__}; is this a tokengraft.json?")
         v = d.get("schema_version")
-        if not isinstance(v, int):
+        if not isinstance(v, int) or isinstance(v, bool):
             raise ManifestError(f"{where}: no integer 'schema_version'; is this a tokengraft.json?")
         if v > SCHEMA_VERSION:
             raise ManifestError(f"{where}: schema version {v} is newer than this tokengraft understands "
                                 f"({SCHEMA_VERSION}); upgrade tokengraft (pip install -U tokengraft)")
-        try:
-            toks = [AddedToken(**t) for t in d.get("tokens", [])]
-            rest = {k: d[k] for k in ("base_fingerprint", "base_size", "rows", "tied")}
-        except (TypeError, KeyError) as e:
-            raise ManifestError(f"{where}: malformed manifest ({e})") from None
-        for t in toks:
-            if t.role not in ROLES:
-                raise ManifestError(f"{where}: token {t.content!r} has role {t.role!r}, expected one of {ROLES}")
-        return cls(**rest, pad_multiple=d.get("pad_multiple", 64), tokens=toks,
-                   history=list(d.get("history", [])), vocab_fingerprint=d.get("vocab_fingerprint"),
-                   schema_version=v)
+        f = lambda key, kind, *a, **k: read_field(d, key, kind, where, *a, error=ManifestError, **k)  # noqa: E731
+        rows = f("rows", int, lo=1, hi=MAX_ROWS)
+        base_size = f("base_size", int, lo=0, hi=rows)
+        toks = [_token(t, i, where, rows) for i, t in enumerate(f("tokens", list, []))]
+        for kind, values in (("content", [t.content for t in toks]), ("id", [t.id for t in toks])):
+            if len(set(values)) != len(values):
+                dup = Counter(values).most_common(1)[0][0]
+                raise ManifestError(f"{where}: two tokens share the {kind} {dup!r}; the manifest is corrupt")
+        history = f("history", list, [])
+        return cls(base_fingerprint=f("base_fingerprint", str), base_size=base_size, rows=rows,
+                   tied=f("tied", bool), pad_multiple=f("pad_multiple", int, 64, lo=1, hi=MAX_PAD_MULTIPLE),
+                   tokens=toks, history=list(history),
+                   vocab_fingerprint=f("vocab_fingerprint", str, None, nullable=True), schema_version=v)
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / FILENAME
@@ -107,3 +111,22 @@ class Manifest:
     def find(cls, folder: str | os.PathLike) -> "Manifest | None":
         p = Path(folder) / FILENAME
         return cls.load(p) if p.is_file() else None
+
+
+def _token(t, i: int, where: str, rows: int) -> AddedToken:
+    """One entry of ``tokens``, by the schema: its id inside the rows, booleans that are booleans."""
+    at = f"{where}: tokens[{i}]"
+    if not isinstance(t, dict):
+        raise ManifestError(f"{at}: expected an object (content, id, ...), got {type(t).__name__}")
+    unknown = sorted(set(map(str, t)) - set(AddedToken.__dataclass_fields__))
+    if unknown:
+        raise ManifestError(f"{at}: unknown field(s) {', '.join(unknown)}; the manifest is corrupt")
+    f = lambda key, kind, *a, **k: read_field(t, key, kind, at, *a, error=ManifestError, **k)  # noqa: E731
+    tok = AddedToken(content=f("content", str), id=f("id", int, lo=0, hi=rows - 1), special=f("special", bool, True),
+                     role=f("role", str, "generate"), init=f("init", str, "auto"),
+                     description=f("description", str, None, nullable=True), stop=f("stop", bool, False))
+    if not tok.content:
+        raise ManifestError(f"{at}: field 'content' is empty; the manifest is corrupt")
+    if tok.role not in ROLES:
+        raise ManifestError(f"{where}: token {tok.content!r} has role {tok.role!r}, expected one of {ROLES}")
+    return tok

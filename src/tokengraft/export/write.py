@@ -162,10 +162,27 @@ def _carry_sentencepiece(manifest, folder: Path) -> None:
         shutil.copy2(src / "tokenizer.model", folder / "tokenizer.model")
 
 
+@torch.no_grad()
+def _refuse_overflow(model, dtype) -> None:
+    """Every tensor written stays finite after rounding to ``dtype``: a finite fp32 row beyond fp16's
+    range (65504) would be written as inf. One line naming the tensor and the row; the model is unchanged."""
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or torch.isfinite(t.to(dtype)).all():
+            continue
+        rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+        r = int((~torch.isfinite(rows.to(dtype))).any(dim=1).nonzero()[0])
+        big = float(rows[r].abs().max())
+        raise ExportError(f"{name}: row {r} holds {big:.6g}, beyond {str(dtype).removeprefix('torch.')}'s range "
+                          f"(largest {torch.finfo(dtype).max:.6g}): it would be written as inf; export with "
+                          f"--dtype bf16 or fp32")
+
+
 def _save_as(model, folder, dtype, max_shard_size) -> None:
     """save_pretrained in ``dtype``; afterwards the weights are back in fp32 (exact from bf16/fp16,
     so the in-memory model *is* the rounded export). Buffers are restored as they were: a rotary
     ``inv_freq`` rounded to bf16 would differ from the one a fresh load recomputes in fp32."""
+    if dtype != torch.float32:
+        _refuse_overflow(model, dtype)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     model.to(dtype)
     try:

@@ -34,7 +34,7 @@ from .metrics import (
     summarize,
     token_stats,
 )
-from .params import NewRows, full, param_groups, prepare
+from .params import NewRows, full, param_groups, prepare, trained_tokens
 from .preflight import PreflightError, preflight, tokens_from_data
 from .callbacks import (CtrlC, Diverged, Monitor, RemapMoments, StopAfter, _rank, _world, diverged, on_ctrl_c,
                         peak_memory)
@@ -289,7 +289,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     token_dicts = [dataclasses.asdict(s) for s in specs]
     manifest = graft(model, tok, token_dicts, manifest=manifest0, processor=proc,
                      pad_to_multiple_of=cfg.pad_to_multiple_of, log=log)
-    new_tokens = [s.content for s in specs]
+    new_tokens = trained_tokens(manifest, [s.content for s in specs], log)
     new_ids = tok.convert_tokens_to_ids(new_tokens)
     img_id = image_token_id_of(model) if proc is not None else None
     n_img = image_token_count(proc, img_id) if img_id is not None else 0

@@ -157,6 +157,22 @@ def lora_config(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
                       task_type=None if llava else "CAUSAL_LM")
 
 
+def trained_tokens(manifest, requested: list[str], log) -> list[str]:
+    """The requested tokens whose rows train as new rows: those the manifest records as grafted. A
+    token already in the base vocabulary (``--tokens hello``) is no new row: its base row stays
+    bit-identical in rows mode, and is neither trained nor exported as one."""
+    grafted = set(manifest.contents)
+    base = [t for t in requested if t not in grafted]
+    if base:
+        log(f"already in the base vocabulary, not trained as new rows (base rows stay as they are): "
+            f"{', '.join(base[:20])}" + (f" and {len(base) - 20} more" if len(base) > 20 else ""))
+    keep = [t for t in requested if t in grafted]
+    if not keep:
+        raise ParamsError(f"none of the tokens is new ({', '.join(base[:5])} are in the base vocabulary): "
+                          f"nothing to train as new rows; list tokens the tokenizer does not have")
+    return keep
+
+
 def prepare(model, mode: str, new_ids: list[int], tied: bool, *, train_projector: bool = False,
             train_vision: bool = False, lora: dict | None = None) -> Plan:
     """Freeze/unfreeze per ``mode`` and attach the new-row deltas; returns the model to train."""
