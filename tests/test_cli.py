@@ -125,3 +125,58 @@ def test_add_on_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "notes").mkdir()  # the output beside it: an output inside MODEL_DIR is refused first
     r = tg("add", tmp_path / "notes", "--tokens", "<a>", "-o", tmp_path / "o")
     assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+# -- the one error boundary (issue 23) ------------------------------------------------------------
+PLANT = """
+import sys
+from tokengraft import cli, errors
+import tokengraft.commands.doctor as d
+
+class Measured(errors.TokengraftError):
+    exit_code = 1
+    details = ("verify: max |logit diff| 3.1e-2",)
+
+def boom(args):
+    if sys.argv[1] == "bug":
+        {}["missing key"]
+    raise Measured("verification failed, nothing written: logits differ")
+
+d.run = boom
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _planted(kind, *argv, env=None):
+    return subprocess.run([sys.executable, "-c", PLANT, kind, *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_an_unexpected_exception_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    r = _planted("bug", "doctor", str(tmp_path))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0] == ("tokengraft doctor: error: KeyError: 'missing key' (run with --debug for the traceback)")
+    for argv, env in ((["--debug", "doctor", str(tmp_path)], None), (["doctor", str(tmp_path), "--debug"], None),
+                      (["doctor", str(tmp_path)], {"TOKENGRAFT_DEBUG": "1"})):
+        r = _planted("bug", *argv, env=env)
+        assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr, (argv, r.stderr)
+        assert 'in boom' in r.stderr and r.stderr.rstrip().endswith("(run with --debug for the traceback)")
+
+
+def test_exit_code_and_details_come_from_the_error_class(tmp_path):
+    r = _planted("check", "doctor", str(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == ["tokengraft doctor: verify: max |logit diff| 3.1e-2",
+                                     "tokengraft doctor: error: verification failed, nothing written: logits differ"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--steps", "5"], "tokengraft train: error: unrecognized arguments: --steps"),
+    (["add", "m", "--tokens", "<a>", "-o", "o", "--pad-to-multiple-of", "0"],
+     "tokengraft add: error: argument --pad-to-multiple-of: expected an integer from 1 to 65,536, got '0'"),
+    (["demo", "--seed", "-1"], "tokengraft demo: error: argument --seed: expected an integer from 0 to"),
+])
+def test_argparse_errors_are_one_line(argv, needle):
+    r = tg(*argv)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(needle), r.stderr
