@@ -263,3 +263,124 @@ def test_import_xtuner_extra_trained_rows_need_tokens(tmp_path, mistral_v1_dir):
                    tmp_path / "iter_3.pth", "--llm", tmp_path / "llm", "--visual-encoder", tmp_path / "clip",
                    "-o", out)
     assert "--tokens" in line and "3 trained vocabulary row(s)" in line
+
+
+# -- round 3 (issue 23): the files transformers loads; optimizer states that contradict their parameters
+
+@pytest.fixture(scope="module")
+def tiny_folder(smollm2_dir, tmp_path_factory):
+    """A tiny real Llama (SmolLM2's tokenizer) saved by transformers, single file and sharded."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = tiny_llama(tok, hidden=16)
+    root = tmp_path_factory.mktemp("tiny_folder")
+    model.save_pretrained(root / "single")
+    tok.save_pretrained(root / "single")
+    model.save_pretrained(root / "sharded", max_shard_size="400KB")
+    assert (root / "sharded" / "model.safetensors.index.json").is_file()
+    return root
+
+
+def test_doctor_reads_the_single_file_transformers_loads(tiny_folder, tmp_path):
+    """NaN rows in model.safetensors, a clean index + shards left beside it: transformers loads the
+    single file (so its model has NaN rows), and doctor must read that file too, not the index."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_folder / "single", d)
+    for p in (tiny_folder / "sharded").iterdir():
+        if p.name.startswith("model"):
+            shutil.copy(p, d / p.name)
+    sd = load_file(d / "model.safetensors")
+    sd["model.embed_tokens.weight"][5] = float("nan")
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(d)
+    assert torch.isnan(loaded.get_input_embeddings().weight[5]).all()  # what the user's model gets
+    r = run_cli("doctor", d)
+    bad = [ln for ln in r.stdout.splitlines() if ln.startswith("error") and "nonfinite-rows" in ln]
+    assert r.returncode == 1 and bad and "model.embed_tokens.weight" in bad[0] and "(5 " in bad[0], r.stdout[-2000:]
+    from tokengraft.checkpoint import read_state_dict
+
+    got, info = read_state_dict(d)  # convert's reader agrees, and says what it ignored
+    assert torch.isnan(got["model.embed_tokens.weight"][5]).all()
+    assert any("model.safetensors.index.json beside it ignored" in n for n in info.notes)
+
+
+def _iter_file(path: Path, moments: dict, params: list, n: int = 49152, h: int = 4) -> Path:
+    g = torch.Generator().manual_seed(5)
+    sd = {"llm.model.embed_tokens.weight": torch.randn(n, h, generator=g), "llm.model.norm.weight": torch.ones(h),
+          "llm.lm_head.weight": torch.randn(n, h, generator=g)}
+    state = {i: {"step": torch.tensor(3.0), **{k: torch.zeros(s) for k, s in m.items()}} for i, m in moments.items()}
+    torch.save({"meta": {"iter": 3}, "state_dict": sd,
+                "optimizer": {"state": state, "param_groups": [{"lr": 1e-4, "params": params}]}}, path)
+    return path
+
+
+OPTIM_CASES = {
+    # the embedding's moments one row short: they belong to another vocabulary
+    "shape": ({0: {"exp_avg": (49151, 4), "exp_avg_sq": (49151, 4)}, 1: {"exp_avg": (4,)}}, [0, 1, 2],
+              "matches the shape of no tensor"),
+    # matched by order (0 embed, 1 norm, 2 head) but state 1 holds a head-shaped moment: param order is off
+    "order": ({0: {"exp_avg": (49152, 4)}, 1: {"exp_avg": (4,), "exp_avg_sq": (49152, 4)}}, [0, 1, 2],
+              "moments of different shapes"),
+    # a state for a parameter no param group lists (count)
+    "count": ({0: {"exp_avg": (49152, 4)}, 7: {"exp_avg": (4,)}}, [0, 1, 2], "belongs to no param group"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTIM_CASES))
+def test_optimizer_that_contradicts_its_parameters_is_refused(tmp_path, smollm2_dir, case):
+    moments, params, needle = OPTIM_CASES[case]
+    src = _iter_file(tmp_path / "iter_3.pth", moments, params)
+    target = _save_tokenizer(smollm2_dir, tmp_path / "tgt", ["<box>"])
+    line = refused("convert", [src, target], tmp_path / "out.pth", src, "--to", target, "-o", tmp_path / "out.pth",
+                   "--source-tokenizer", smollm2_dir)
+    assert needle in line and "optimizer state" in line, line
+
+
+def _word_checkpoint(tmp_path, own: list[str]) -> tuple[Path, torch.Tensor]:
+    from checkpoint_helpers import word_tokenizer
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "ck"
+    word_tokenizer(own).save_pretrained(ck)
+    emb = torch.arange(len(own) * 4, dtype=torch.float32).view(len(own), 4)
+    save_file({"model.embed_tokens.weight": emb, "lm_head.weight": emb + 0.5}, ck / "model.safetensors")
+    return ck, emb
+
+
+def test_explicit_source_tokenizer_wins_over_the_checkpoints_own(tmp_path):
+    """A stale tokenizer left in the checkpoint folder (<a>,<b>) and --source-tokenizer saying the
+    checkpoint was trained with <b>,<a>: the flag wins (rows follow it) and the report says the
+    folder's own tokenizer differs, where. Before, the flag was silently ignored."""
+    from checkpoint_helpers import word_tokenizer, words
+    from safetensors.torch import load_file
+
+    from tokengraft.checkpoint.convert import convert
+
+    base = words(20)
+    ck, emb = _word_checkpoint(tmp_path, base + ["<a>", "<b>"])
+    word_tokenizer(base + ["<b>", "<a>"]).save_pretrained(tmp_path / "real")
+    word_tokenizer(base + ["<a>", "<b>", "<c>"]).save_pretrained(tmp_path / "tgt")
+    rep = convert(ck, tmp_path / "tgt", tmp_path / "out", source_tokenizer=tmp_path / "real", log=lambda *a: None)
+    assert "as given: it wins over the checkpoint's own tokenizer" in rep.source_how, rep.source_how
+    assert "differs (first at id 20: '<a>' vs '<b>')" in rep.source_how, rep.source_how
+    out = load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(out[:20], emb[:20]) and torch.equal(out[20], emb[21]) and torch.equal(out[21], emb[20])
+    # the same tokenizer as the folder's: used, and said to agree
+    rep = convert(ck, tmp_path / "tgt", tmp_path / "out2", source_tokenizer=ck, log=lambda *a: None)
+    assert "as given (the same as the checkpoint's own tokenizer" in rep.source_how, rep.source_how
+
+
+def test_source_tokenizer_and_source_tokens_together_conflict(tmp_path):
+    from checkpoint_helpers import word_tokenizer, words
+
+    ck, _ = _word_checkpoint(tmp_path, words(20) + ["<a>"])
+    word_tokenizer(words(20) + ["<a>", "<b>"]).save_pretrained(tmp_path / "tgt")
+    line = refused("convert", [ck, tmp_path / "tgt"], tmp_path / "out", ck, "--to", tmp_path / "tgt", "-o",
+                   tmp_path / "out", "--source-tokenizer", ck, "--source-tokens", "<a>")
+    assert "--source-tokenizer and --source-tokens both" in line and "pass one of them" in line, line
