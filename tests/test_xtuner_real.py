@@ -1,18 +1,25 @@
-"""Real XTuner 0.2.0 as a test client: train, add tokens, convert, continue training in XTuner.
+"""Real XTuner 0.2.0 as a test client, with tokengraft installed in XTuner's own environment.
+
+The one-environment recipe (docs/xtuner-continue.md), end to end: XTuner trains on the base LLM,
+``tokengraft add`` runs *in XTuner's venv* (transformers 4.48), XTuner's ``llm`` and ``tokenizer``
+point at tokengraft's output folder, ``tokengraft convert`` (also in XTuner's venv) carries the
+checkpoint to the new vocabulary, and XTuner continues from it (pretrained_pth, Runner resume,
+DeepSpeed folder, ``xtuner_helper``).
 
 Two roles in one file:
 
-* under pytest (project venv): builds/locates the cached XTuner venv (tests/xtuner_env.py), runs
-  the stages below in it through subprocesses, and converts the checkpoint with tokengraft in
-  between (project venv, transformers 5);
+* under pytest (project venv, transformers 5): builds/locates the cached XTuner venv
+  (tests/xtuner_env.py), writes the base LLM, and runs the stages below and the tokengraft CLI in
+  that venv through subprocesses;
 * as a script inside the XTuner venv (transformers 4.48, mmengine 0.10.6, torch 2.14.1):
   ``python tests/test_xtuner_real.py STAGE WORKDIR`` runs one stage with XTuner's own
   ``LLaVAModel``, ``LLaVADataset``, ``default_collate_fn`` and mmengine's ``Runner``, and prints
   one JSON line of facts for the test to check.
 
-The LLM is a tiny random Llama (tied, like SmolLM2) with the *real* SmolLM2 tokenizer (49,152
-rows), so the vocabulary is real and a run takes seconds; the vision tower is a tiny random CLIP.
-Module top level imports only the standard library: both interpreters must import it.
+The base LLM is SmolLM2's real config scaled down (random weights, its rope_theta 100,000, tied)
+with the *real* SmolLM2 tokenizer (49,152 rows), written by tokengraft's own writer as transformers
+5 saves it; so the vocabulary and the rope are real and a run takes seconds. The vision tower is a
+tiny random CLIP. Module top level imports only the standard library: both interpreters import it.
 """
 from __future__ import annotations
 
@@ -40,33 +47,13 @@ def _xtuner_setup():
     torch.set_num_threads(1)
 
 
-def stage_prepare(work: Path, smollm2_dir: str):
-    """Old LLM (tiny random tied Llama + real SmolLM2 tokenizer), new LLM (+3 tokens, resized),
-    a tiny CLIP tower, 4 images and LLaVA-format data."""
+def stage_prepare(work: Path):
+    """A tiny CLIP tower, 4 images and LLaVA-format data; the base LLM as XTuner reads it."""
     import torch
     from PIL import Image
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPT2TokenizerFast,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    # transformers 4.48 cannot read a tokenizer saved by 5.x: rebuild it from tokenizer.json
-    tok = GPT2TokenizerFast(tokenizer_file=str(Path(smollm2_dir) / "tokenizer.json"), bos_token="<|im_start|>",
-                            eos_token="<|im_end|>", unk_token="<|endoftext|>", pad_token="<|im_end|>")
-    assert len(tok) == 49152, len(tok)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    llm = LlamaForCausalLM(cfg)
-    llm.save_pretrained(work / "old_llm")
-    tok.save_pretrained(work / "old_llm")
-
-    new_tok = GPT2TokenizerFast.from_pretrained(work / "old_llm")
-    new_tok.add_tokens(NEW_TOKENS, special_tokens=True)
-    llm.resize_token_embeddings(len(new_tok))
-    llm.save_pretrained(work / "new_llm")
-    new_tok.save_pretrained(work / "new_llm")
-
     vcfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                             image_size=32, patch_size=8, projection_dim=16)
     CLIPVisionModel(vcfg).save_pretrained(work / "clip")
@@ -80,8 +67,20 @@ def stage_prepare(work: Path, smollm2_dir: str):
             {"from": "human", "value": "<image>\nWhere is the square?"},
             {"from": "gpt", "value": f"<ref>square</ref><box>({i},{i}),({i + 5},{i + 5})</box>"}]})
     (work / "data.json").write_text(json.dumps(data))
-    return {"old_rows": len(tok), "new_rows": len(new_tok),
-            "new_ids": new_tok.convert_tokens_to_ids(NEW_TOKENS)}
+    return {"old_rows": len(AutoTokenizer.from_pretrained(work / "old_llm")),
+            "rope_theta": AutoConfig.from_pretrained(work / "old_llm").rope_theta}
+
+
+def stage_tokens(work: Path):
+    """tokengraft's output folder as XTuner's transformers reads it: config, tokenizer, the new tokens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(work / "new_llm")
+    cfg = AutoConfig.from_pretrained(work / "new_llm")
+    return {"rows": cfg.vocab_size, "tokens": len(tok), "rope_theta": cfg.rope_theta,
+            "tied": cfg.tie_word_embeddings, "tokenizer_class": type(tok).__name__,
+            "ids": {t: tok(t, add_special_tokens=False)["input_ids"] for t in NEW_TOKENS},
+            "special": sorted(t for t in NEW_TOKENS if t in tok.all_special_tokens)}
 
 
 def _model_cfg(work: Path, llm_dir: str, pretrained_pth=None, model_type=None):
@@ -252,6 +251,8 @@ class _Probe:
 
     def __init__(self, work, ckpt):
         self.work, self.ckpt, self.facts = work, ckpt, {}
+        manifest = json.loads((work / "new_llm" / "tokengraft.json").read_text())
+        self.new_ids = [t["id"] for t in manifest["tokens"]]
 
     def hook(self):
         from mmengine.hooks import Hook
@@ -263,7 +264,11 @@ class _Probe:
 
             def before_train(self, runner):
                 probe.facts.update(start_iter=runner.iter, ckpt_rows=_ckpt_rows(probe.work / probe.ckpt),
+                                   rope_theta=runner.model.llm.config.rope_theta,
                                    **_rows_match(runner.model, probe.work))
+                # what XTuner's own data pipeline made of the answer "<ref>square</ref><box>(0,0),(5,5)</box>"
+                ids = list(runner.train_dataloader.dataset.text_data[0]["input_ids"])
+                probe.facts["data_ids"] = {str(i): ids.count(i) for i in probe.new_ids}
                 # the optimizer state of the (tied) vocabulary parameter, as loaded
                 emb = runner.model.llm.get_input_embeddings().weight
                 st = runner.optim_wrapper.optimizer.state.get(emb, {})
@@ -306,8 +311,8 @@ def stage_continue(work: Path, ckpt: str, run_dir: str, resume: bool, helper: bo
 def _main(argv):
     _xtuner_setup()
     stage, work = argv[0], Path(argv[1])
-    fn = {"prepare": stage_prepare, "train": stage_train, "load": stage_load, "continue": stage_continue,
-          "deepspeed": stage_deepspeed}[stage]
+    fn = {"prepare": stage_prepare, "tokens": stage_tokens, "train": stage_train, "load": stage_load,
+          "continue": stage_continue, "deepspeed": stage_deepspeed}[stage]
     args = [a == "true" if a in ("true", "false") else a for a in argv[2:]]
     facts = fn(work, *args)
     print("FACTS " + json.dumps(facts))
@@ -334,38 +339,48 @@ if __name__ != "__main__":
         except xtuner_env.IndexUnreachable as e:
             pytest.skip(f"package index unreachable, cannot build the XTuner 0.2.0 venv: {str(e)[:200]}")
 
+    def _env(py):
+        # tokengraft from this source tree, in XTuner's interpreter (as `pip install tokengraft` there would be)
+        return dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+
     def _stage(py, *args, timeout=600):
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))  # tokengraft.xtuner_helper (torch only)
         r = subprocess.run([str(py), str(Path(__file__).resolve()), *map(str, args)], capture_output=True,
-                           text=True, timeout=timeout, env=env, cwd=str(args[1]))
+                           text=True, timeout=timeout, env=_env(py), cwd=str(args[1]))
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("FACTS ")]
         assert r.returncode == 0 and lines, f"stage {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
         return json.loads(lines[-1][6:])
 
-    def _tokengraft_convert(src, target, out, source_tokenizer):
-        return subprocess.run([sys.executable, "-m", "tokengraft", "convert", str(src), "--to", str(target),
-                               "-o", str(out), "--source-tokenizer", str(source_tokenizer)],
-                              capture_output=True, text=True, timeout=600)
+    def _tokengraft(py, *args):
+        """The tokengraft CLI run by XTuner's python (transformers 4.48, mmengine, torch 2.14.1)."""
+        return subprocess.run([str(py), "-m", "tokengraft", *map(str, args)], capture_output=True, text=True,
+                              timeout=600, env=_env(py))
 
-    def _convert_with_safe_save(src, target, out, source_tokenizer):
-        """safe_load -> remap (state dict and optimizer, by token identity) -> safe_save."""
-        from tokengraft.checkpoint import remap_state_dict
-        from tokengraft.checkpoint.repickle import safe_save
-        from tokengraft.checkpoint.safe_pickle import safe_load
-        from tokengraft.checkpoint.sources import load_tokenizer, tokenizer_vocab
+    def _tiny_smollm2(smollm2_dir, out, write):
+        """SmolLM2's real config scaled down (random weights; its rope and tie as they are) and its
+        real tokenizer, handed to ``write(out, model, tokenizer)``."""
+        import torch
+        from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-        obj = safe_load(src)
-        old, new = tokenizer_vocab(load_tokenizer(source_tokenizer)), tokenizer_vocab(load_tokenizer(target))
-        sd, report = remap_state_dict(obj["state_dict"], old, new, optimizer=obj["optimizer"], tied=True)
-        obj["state_dict"], obj["optimizer"] = sd, report.optimizer
-        safe_save(obj, out)
+        cfg = AutoConfig.from_pretrained(smollm2_dir)
+        cfg.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, max_position_embeddings=512))
+        torch.manual_seed(0)
+        write(out, LlamaForCausalLM(cfg), AutoTokenizer.from_pretrained(smollm2_dir))
+        return out
 
     @pytest.fixture(scope="module")
     def trained(xtuner_python, tmp_path_factory, smollm2_dir):
+        """XTuner trained 4 iterations on the base LLM; then `tokengraft add` in XTuner's venv."""
+        from tokengraft.io import save_folder
+
         work = tmp_path_factory.mktemp("xtuner")
-        prep = _stage(xtuner_python, "prepare", work, smollm2_dir)
-        assert prep["new_rows"] == prep["old_rows"] + 3
+        _tiny_smollm2(smollm2_dir, work / "old_llm", lambda out, m, t: save_folder(out, m, t, None))
+        prep = _stage(xtuner_python, "prepare", work)
         facts = _stage(xtuner_python, "train", work)
+        r = _tokengraft(xtuner_python, "add", work / "old_llm", "--tokens", ",".join(NEW_TOKENS), "-o", work / "new_llm")
+        assert r.returncode == 0, r.stderr[-3000:]
+        prep["add_stdout"] = r.stdout
+        prep.update(new_rows=json.loads((work / "new_llm" / "tokengraft.json").read_text())["rows"])
         return xtuner_python, work, prep, facts
 
     @slow
@@ -375,6 +390,21 @@ if __name__ != "__main__":
         assert facts["top"] == ["message_hub", "meta", "optimizer", "param_schedulers", "state_dict"]
         assert facts["embed"] == [prep["old_rows"], 32] and facts["tied_saved_twice"]
         assert facts["hub_types"] == ["mmengine.logging.history_buffer.HistoryBuffer"]
+
+    @slow
+    def test_tokengraft_add_in_xtuner_env_writes_what_xtuner_reads(trained):
+        py, work, prep, _ = trained
+        assert prep["old_rows"] == 49152 and prep["rope_theta"] == 100000.0  # SmolLM2's, as 4.48 reads the base
+        manifest = json.loads((work / "new_llm" / "tokengraft.json").read_text())
+        want = {t["content"]: t["id"] for t in manifest["tokens"]}
+        assert list(want) == NEW_TOKENS, manifest
+        written_by = json.loads((work / "new_llm" / "config.json").read_text())["transformers_version"]
+        assert written_by == "4.48.0", written_by  # tokengraft ran in XTuner's environment
+        facts = _stage(py, "tokens", work)
+        assert facts["ids"] == {t: [i] for t, i in want.items()}, facts  # each new token one id, the manifest's
+        assert facts["special"] == sorted(NEW_TOKENS) and facts["tied"], facts
+        assert facts["rope_theta"] == 100000.0 and facts["rows"] == prep["new_rows"] == 49216, facts
+        assert facts["tokens"] == 49152 + len(NEW_TOKENS), facts
 
     @slow
     def test_unconverted_checkpoint_does_not_load(trained):
@@ -387,36 +417,43 @@ if __name__ != "__main__":
 
     @pytest.fixture(scope="module")
     def converted(trained):
+        """`tokengraft convert` of XTuner's iter_4.pth, run in XTuner's venv."""
         py, work, prep, _ = trained
-        _convert_with_safe_save(work / "run_old" / "iter_4.pth", work / "new_llm", work / "iter_4_new.pth",
-                                work / "old_llm")
-        return py, work, prep, "iter_4_new.pth"
+        out = work / "iter_4_new.pth"
+        r = _tokengraft(py, "convert", work / "run_old" / "iter_4.pth", "--to", work / "new_llm", "-o", out,
+                        "--source-tokenizer", work / "old_llm")
+        assert r.returncode == 0, r.stderr[-3000:]
+        return py, work, prep, out.name, r
 
     @slow
-    def test_tokengraft_convert_writes_a_pth_file(trained):
-        py, work, prep, _ = trained
-        out = work / "iter_4_cli.pth"
-        r = _tokengraft_convert(work / "run_old" / "iter_4.pth", work / "new_llm", out, work / "old_llm")
-        assert r.returncode == 0, r.stderr
-        if not out.is_file():
-            pytest.xfail("convert still writes a folder for an mmengine .pth (issue 12: the convert "
-                         "integration of safe_save has not landed); the safe_save path is tested below")
-        facts = _stage(py, "continue", work, out.name, "run_cli_resumed", "true")
-        assert facts["rows_equal"] == prep["old_rows"] and facts["start_iter"] == 4 and facts["end_iter"] == 6, facts
+    def test_tokengraft_convert_writes_a_pth_file(converted):
+        from tokengraft.checkpoint.safe_pickle import safe_load
+
+        _, work, prep, ckpt, r = converted
+        # an mmengine .pth in, one .pth of the same structure out (XTuner's pretrained_pth and
+        # Runner resume read a file; a folder would be taken for a DeepSpeed checkpoint)
+        assert (work / ckpt).is_file(), f"convert wrote {sorted(p.name for p in (work / ckpt).iterdir())}, not a file"
+        old, new = safe_load(work / "run_old" / "iter_4.pth"), safe_load(work / ckpt)
+        assert sorted(new) == sorted(old) and list(new["state_dict"]) == list(old["state_dict"])
+        assert new["state_dict"]["llm.model.embed_tokens.weight"].shape[0] == prep["new_rows"]
+        assert "<box> (id 49152)" in r.stdout, r.stdout
 
     @slow
     def test_converted_checkpoint_loads_via_pretrained_pth_and_trains(converted):
-        py, work, prep, ckpt = converted
+        py, work, prep, ckpt, _ = converted
         facts = _stage(py, "continue", work, ckpt, "run_pretrained", "false")
         assert facts["model_rows"] == prep["new_rows"] == facts["ckpt_rows"] and facts["tied"], facts
         # every old token's row equals the original checkpoint's row for the same string
         assert facts["rows_equal"] == prep["old_rows"] and facts["new_rows_finite"], facts
         assert facts["start_iter"] == 0 and "emb_step" not in facts, facts  # a fresh run, fresh optimizer
         assert facts["end_iter"] == 2 and facts["finite"] and len(facts["losses"]) == 2, facts
+        # XTuner's own data pipeline, on tokengraft's tokenizer: each new token once, as one id
+        assert facts["data_ids"] == {"49152": 1, "49153": 1, "49154": 1}, facts
+        assert facts["rope_theta"] == 100000.0, facts
 
     @slow
     def test_converted_checkpoint_resumes_in_the_runner(converted):
-        py, work, prep, ckpt = converted
+        py, work, prep, ckpt, _ = converted
         facts = _stage(py, "continue", work, ckpt, "run_resumed", "true")
         # the iteration counter continues (4 -> 6: only iter_6 written), old rows as trained
         assert facts["start_iter"] == 4 and facts["end_iter"] == 6 and facts["saved"] == ["iter_6.pth"], facts
@@ -424,6 +461,57 @@ if __name__ != "__main__":
         # Adam moments came along: step 4, rows at the new vocabulary, zero for the new tokens only
         assert facts["emb_step"] == 4.0 and facts["moment_rows"] == prep["new_rows"], facts
         assert facts["moment_new_rows_zero"] and facts["moment_old_rows_nonzero"] > 0, facts
+
+    @slow
+    def test_pip_install_into_xtuner_env_keeps_its_pins(xtuner_python, tmp_path):
+        """`pip install tokengraft` in XTuner's environment adds packages but never moves
+        transformers, torch, mmengine (or tokenizers, which transformers 4.48 pins)."""
+        report = tmp_path / "report.json"
+        r = subprocess.run([str(xtuner_python), "-m", "pip", "install", "--dry-run", "--quiet", "--report",
+                            str(report), str(ROOT)], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            sys.path.insert(0, str(HERE))
+            import xtuner_env
+
+            if xtuner_env._looks_offline(r.stdout + r.stderr):
+                pytest.skip(f"package index unreachable: {r.stderr[-200:]}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        would = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+        assert "tokengraft" in would, would
+        moved = sorted(set(would) & {"transformers", "torch", "mmengine", "tokenizers", "torchvision", "xtuner"})
+        assert not moved, f"pip would replace {moved} in XTuner's environment: {would}"
+
+    @slow
+    def test_import_xtuner_and_export_verify_in_xtuner_env(trained):
+        """The real iter_4.pth imported as a transformers Llava under transformers 4.48, then
+        export --verify there: a fresh 4.48 process reloads it (processor, image, logits)."""
+        py, work, _, _ = trained
+        r = _tokengraft(py, "import-xtuner", work / "run_old" / "iter_4.pth", "--llm", work / "old_llm",
+                        "--visual-encoder", work / "clip", "--tokens", ",".join(NEW_TOKENS), "-o", work / "llava")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "<box>=49152, </box>=49153, <ref>=49154" in r.stdout and "<image> id 49155" in r.stdout, r.stdout
+        cfg = json.loads((work / "llava" / "config.json").read_text())
+        assert cfg["image_token_index"] == 49155 and cfg["transformers_version"] == "4.48.0", cfg
+        r = _tokengraft(py, "export", work / "llava", "-o", work / "llava_export", "--verify")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "verify: OK" in r.stdout and "4 new token(s) single ids" in r.stdout, r.stdout
+
+    @slow
+    def test_add_in_xtuner_env_refuses_a_folder_only_transformers_5_reads(trained, smollm2_dir):
+        """A folder transformers 5 wrote as it is (rope only in rope_parameters, tokenizer class
+        TokenizersBackend): under 4.48 one line naming the misreading and the fix; nothing written."""
+        py, work, _, _ = trained
+
+        def plain_save(out, model, tok):
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+
+        src = _tiny_smollm2(smollm2_dir, work / "saved_by_5", plain_save)
+        r = _tokengraft(py, "add", src, "--tokens", "<box>", "-o", work / "never")
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
+        assert "rope_theta 10000 (its default) instead of 100000.0" in err[0] and "tokengraft export" in err[0], err
+        assert not (work / "never").exists()
 
     @slow
     def test_xtuner_helper_loads_an_unconverted_checkpoint_by_token_identity(trained):
@@ -438,7 +526,8 @@ if __name__ != "__main__":
         facts = _stage(py, "deepspeed", work)  # the hand-laid folder is what XTuner reads: all rows back
         assert facts["rows_equal"] == prep["old_rows"] and facts["tied"], facts
         out = work / "ds_iter_4_new.pth"
-        r = _tokengraft_convert(work / "ds_iter_4.pth", work / "new_llm", out, work / "old_llm")
+        r = _tokengraft(py, "convert", work / "ds_iter_4.pth", "--to", work / "new_llm", "-o", out,
+                        "--source-tokenizer", work / "old_llm")
         assert r.returncode == 0 and out.is_dir(), r.stderr
         assert "ZeRO-1/2 optimizer partition(s) remapped exactly" in r.stdout, r.stdout
         # XTuner's guess_load_checkpoint rebuilds the weights from the optimizer partitions' fp32
@@ -499,16 +588,17 @@ if __name__ != "__main__":
 
     def test_xtuner_env_builds_atomically_once(tmp_path, monkeypatch):
         sys.path.insert(0, str(HERE))
+        import venvs
         import xtuner_env
 
         calls = []
 
-        def fake_pip(py, args, log):  # record instead of installing GBs; fail when asked to
+        def fake_pip(py, args, log, env=None):  # record instead of installing GBs; fail when asked to
             calls.append(args)
             if "boom" in args:
                 raise RuntimeError("pip install boom failed")
 
-        monkeypatch.setattr(xtuner_env, "_pip", fake_pip)
+        monkeypatch.setattr(venvs, "pip_install", fake_pip)
         monkeypatch.setenv("TOKENGRAFT_XTUNER_VENV", str(tmp_path / "venv"))
         (tmp_path / "venv.tmp-stale").mkdir()  # what a killed build leaves
         monkeypatch.setattr(xtuner_env, "REQUIREMENTS", ["boom"])
@@ -520,6 +610,8 @@ if __name__ != "__main__":
         assert py == tmp_path / "venv" / "bin" / "python" and py.exists() and xtuner_env.is_ready()
         n = len(calls)
         assert xtuner_env.ensure() == py and len(calls) == n  # reused, not rebuilt
+        assert (py.parent.parent / xtuner_env.MARKER).read_text() == "xtuner==0.2.0\ndeepspeed==0.16.2\n"
+        assert ["--no-build-isolation", "deepspeed==0.16.2"] in calls  # deepspeed after torch, no isolation
         r = subprocess.run([str(py), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
         assert r.stdout.strip() == str(tmp_path / "venv")  # the renamed venv knows where it lives
 
