@@ -248,3 +248,45 @@ def test_commands_run_nothing(world, tmp_path, fmt, cmd):
     if out.exists():
         load_freely(pickles_in(out))
     assert fired(markers) == []
+
+
+@pytest.fixture(scope="module")
+def run_dir(smollm2_dir, world, tmp_path_factory):
+    """A real 2-step rows run (tiny Llama, SmolLM2's tokenizer); its checkpoint-2's optimizer.pt and
+    rng_state.pth then carry every payload (re-saved from the real files, which stay complete)."""
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_llama
+
+    _, markers, _, _, _ = world
+    root = tmp_path_factory.mktemp("run")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tiny_llama(tok, tied=True, hidden=16).save_pretrained(root / "m")
+    tok.save_pretrained(root / "m")
+    recs = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"Where is {i}?"},
+                                              {"from": "gpt", "value": f"<box>{i}</box>"}]} for i in range(4)]
+    (root / "train.json").write_text(json.dumps(recs))
+    r = cli("train", "--model", root / "m", "--data", root / "train.json", "--output-dir", root / "run",
+            "--tokens", "<box>,</box>", "--init", "mean", "--template", "chatml", "--batch-size", "2",
+            "--max-length", "48", "--max-steps", "2", "--save-steps", "2", "--no-progress", "--no-tensorboard")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = root / "run" / "checkpoint-2"
+    for name in ("optimizer.pt", "rng_state.pth"):
+        obj = torch.load(ck / name, weights_only=False)  # our own file: trusted here
+        torch.save({**obj, "evil": bundle(markers)}, ck / name)
+    return root
+
+
+def test_train_resume_and_export_run_nothing(world, run_dir, tmp_path):
+    _, markers, _, _, _ = world
+    r = cli("train", "--model", run_dir / "m", "--data", run_dir / "train.json", "--output-dir", run_dir / "run",
+            "--tokens", "<box>,</box>", "--init", "mean", "--template", "chatml", "--batch-size", "2",
+            "--max-length", "48", "--max-steps", "3", "--resume", "--no-progress", "--no-tensorboard")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "not known to be inert" in lines[0], r.stderr[-2000:]
+    assert not (run_dir / "run" / "checkpoint-3").exists()
+    out = tmp_path / "hf"
+    r = cli("export", run_dir / "run", "-o", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    load_freely(pickles_in(out))
+    assert fired(markers) == []

@@ -34,6 +34,10 @@ def check_checkpoint(ckpt: Path) -> None:
     for path in [ckpt / n for n in TORCH_FILES] + sorted(ckpt.glob("rng_state*.pth")):
         if path.is_file():
             _check_zip(path)
+            from ..checkpoint.safe_pickle import check_inert
+
+            # transformers loads these with weights_only=True; an unknown global is named here, in one line
+            check_inert(path, "resume from it")
 
 
 def _check_zip(path: Path) -> None:
