@@ -319,3 +319,26 @@ def test_checkpoint_without_model_is_exit_2(tmp_path):
     r = doctor("--checkpoint", ck)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--model" in r.stderr
     assert r.stderr.strip().count("\n") == 0
+
+
+# -- issue 23: every JSON file doctor reads goes through the one reader and its schemas -----------
+
+def test_a_fifo_as_config_json_is_reported_not_waited_on(grafted_dir, tmp_path):
+    d = damaged(grafted_dir, tmp_path)
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")
+    t = time.time()
+    check_fails(d, "config-invalid", "config.json: is not a regular file")
+    assert time.time() - t < 300
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: m["tokens"][0].update(stop="false"), ("tokens[0]: field 'stop' must be true or false",
+                                                      "got the string 'false'")),
+    (lambda m: m["tokens"][0].update(id=10**13), ("tokens[0]: field 'id' must be an integer from 0 to",)),
+    (lambda m: m.update(tied="yes"), ("field 'tied' must be true or false",)),
+], ids=["stop string", "id 1e13", "tied string"])
+def test_manifest_of_the_wrong_types(grafted_dir, tmp_path, edit, words):
+    d = damaged(grafted_dir, tmp_path)
+    edit_json(d / "tokengraft.json", edit)
+    check_fails(d, "manifest-invalid", *words)

@@ -143,7 +143,7 @@ class Subject:
 # -- a folder ---------------------------------------------------------------------------------
 
 def _read_json(path: Path, sub: Subject, code: str) -> dict | None:
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device is there, and refused by read_json (never opened)
         return None
     try:
         return read_json(path, "a JSON object", kind=dict)
