@@ -88,7 +88,7 @@ def _read_tokens_file(path: str) -> list:
     p = Path(path)
     is_json = p.suffix.lower() == ".json"
     what = "a tokens file (a list of tokens, or a mapping with key 'tokens')"
-    text = read_text(p, what, error=GraftError, limit=64 * MiB)
+    text = read_text(p, what, error=GraftError, limit=64 * MiB, missing=f"{p}: cannot read tokens file (no such file)")
     if is_json:
         data = parse_json(text, str(p), what, error=GraftError)
     else:
