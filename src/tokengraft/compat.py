@@ -100,3 +100,9 @@ def resize_rows(model, rows: int) -> None:
 
     takes = "mean_resizing" in inspect.signature(model.resize_token_embeddings).parameters
     model.resize_token_embeddings(rows, **({"mean_resizing": False} if takes else {}))
+
+
+def set_config_dtype(config, dtype) -> None:
+    """The dtype a config records: ``config.dtype`` (>= 4.56) or ``config.torch_dtype`` (older, where
+    a ``dtype`` attribute would be a stray torch.dtype that config.json cannot hold)."""
+    setattr(config, "dtype" if transformers_version() >= DTYPE_KWARG_SINCE else "torch_dtype", dtype)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import set_config_dtype
 from .config import MODEL_TYPE, InternLM2Error, _dims, check_config, llama_config
 from .tokenizer import load_tokenizer
 from .weights import from_llama, read_json, read_weights, to_llama
@@ -57,7 +58,7 @@ def llama_model(sd: dict, lcfg, dtype, where: str):
         sd[k] = sd.pop(k).to(dtype)
     model.load_state_dict(sd, assign=True, strict=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=lcfg)  # buffers were on meta: rebuild them
-    model.config.dtype = dtype
+    set_config_dtype(model.config, dtype)
     return model.eval()
 
 

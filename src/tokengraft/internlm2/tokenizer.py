@@ -88,7 +88,9 @@ def load_tokenizer(folder):
     """InternLM2's tokenizer as a transformers Llama tokenizer, without its remote code: the pieces and
     merges of ``tokenizer.model``, InternLM2's added tokens (``added_tokens_decoder``) at their ids, its
     bos/eos flags and chat template."""
-    from transformers import AddedToken, LlamaTokenizer, PreTrainedTokenizerFast
+    # LlamaTokenizerFast: the tokenizers-backed class in 4.x and 5.x (5.x's LlamaTokenizer is it too;
+    # 4.x's LlamaTokenizer is the slow sentencepiece one, without a backend_tokenizer)
+    from transformers import AddedToken, LlamaTokenizerFast, PreTrainedTokenizerFast
 
     folder = Path(folder)
     sp_file = folder / "tokenizer.model"
@@ -104,8 +106,8 @@ def load_tokenizer(folder):
     special = {k: tok_str(tc.get(k), d) for k, d in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}
     with tempfile.TemporaryDirectory(prefix="tokengraft-internlm2-") as tmp:
         shutil.copy(sp_file, Path(tmp) / "tokenizer.model")  # the model file alone: nothing else is read
-        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=bool(tc.get("add_bos_token", True)),
-                                             add_eos_token=bool(tc.get("add_eos_token", False)), **special)
+        tok = LlamaTokenizerFast.from_pretrained(tmp, add_bos_token=bool(tc.get("add_bos_token", True)),
+                                                 add_eos_token=bool(tc.get("add_eos_token", False)), **special)
     backend = tok.backend_tokenizer  # its post-processor (bos/eos) and added pieces are kept
     backend.model, backend.normalizer, backend.pre_tokenizer, backend.decoder = _sp_backend(m)
     # A plain tokenizers-backed class: transformers' LlamaTokenizer would rebuild its own pre-tokenizer
