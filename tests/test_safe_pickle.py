@@ -475,3 +475,22 @@ def test_write_back_refuses_what_is_not_known_to_be_inert(tmp_path):
     msg = one_line_error(lambda: safe_save(obj, tmp_path / "out.pt"))
     assert "refusing to write back tgtest_helpers.FromParts" in msg, msg
     assert not (tmp_path / "out.pt").exists() and "tgtest_helpers" not in sys.modules
+
+
+def test_getattr_is_written_back_only_as_the_lookups_real_records_pickle(tmp_path):
+    """Real mmengine 0.10.6 HistoryBuffers pickle ``statistics_methods`` as getattr(HistoryBuffer, 'min')
+    (checked on a real XTuner iter_N.pth): that exact lookup is written back; any other getattr is
+    refused, also after an allowed one (the global is memoized, every record is still checked)."""
+    from tokengraft.checkpoint.inert import _placeholder_class
+
+    hb, getattr_ = _placeholder_class("mmengine.logging.history_buffer", "HistoryBuffer"), \
+        _placeholder_class("builtins", "getattr")
+    ok = {"min": getattr_(hb, "min"), "mean": getattr_(hb, "mean")}
+    safe_save({"w": torch.ones(1), "methods": ok}, tmp_path / "ok.pt")
+    back = safe_load(tmp_path / "ok.pt")["methods"]
+    assert [(type(v).module, v.name, v.args[1]) for v in back.values()] == [("builtins", "getattr", "min"),
+                                                                             ("builtins", "getattr", "mean")]
+    for bad in (getattr_(hb, "__init__"), getattr_(_placeholder_class("pkgutil", "resolve_name"), "min")):
+        msg = one_line_error(lambda: safe_save({"methods": ok, "bad": bad}, tmp_path / "bad.pt"))
+        assert "refusing to write back builtins.getattr" in msg, msg
+        assert not (tmp_path / "bad.pt").exists()

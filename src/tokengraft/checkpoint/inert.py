@@ -39,6 +39,12 @@ INERT_GLOBALS = frozenset({
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"), ("deepspeed.utils.tensor_fragment", "fragment_address"),
     ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"), ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
 })
+# ``builtins.getattr(<class>, <name>)`` the records above really pickle: mmengine's HistoryBuffer keeps
+# its statistics methods (``statistics_methods = {'min': HistoryBuffer.min, ...}``), pickled as
+# getattr(HistoryBuffer, 'min'). Only these exact lookups of plain methods are written back.
+INERT_ATTRIBUTES = {
+    ("mmengine.logging.history_buffer", "HistoryBuffer"): frozenset({"min", "max", "current", "mean"}),
+}
 _STORAGES = frozenset(f"{k}Storage" for k in ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char",
                                               "Byte", "Bool", "ComplexFloat", "ComplexDouble", "Untyped"))
 _DTYPES = frozenset(("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
@@ -51,6 +57,17 @@ def is_inert_global(module: str, name: str) -> bool:
     if (module, name) in INERT_GLOBALS:
         return True
     return module in ("torch", "torch.cuda") and (name in _STORAGES or (module == "torch" and name in _DTYPES))
+
+
+def is_inert_getattr(obj) -> bool:
+    """Whether ``obj`` is an inert record of ``builtins.getattr(cls, name)`` with ``(cls, name)`` in
+    INERT_ATTRIBUTES (a method looked up on an allowlisted class; nothing is called)."""
+    if not (isinstance(obj, Placeholder) and (obj.module, obj.name) == ("builtins", "getattr")):
+        return False
+    if obj.via != "reduce" or obj.kwargs or len(obj.args) != 2 or obj.has_state:
+        return False
+    owner, attr = placeholder_global(obj.args[0]), obj.args[1]
+    return owner in INERT_ATTRIBUTES and isinstance(attr, str) and attr in INERT_ATTRIBUTES[owner]
 
 
 def first_code_global(named) -> str | None:

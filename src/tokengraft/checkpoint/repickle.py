@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..outdir import atomic_file
-from .inert import is_inert_global, placeholder_global
+from .inert import Placeholder, is_inert_getattr, is_inert_global, placeholder_global
 from .safe_pickle import UnsafeCheckpointError, check_inert
 
 
@@ -43,6 +43,17 @@ class _Pickler(pickle._Pickler):
     """The pure-Python pickler (its ``save_global`` can be overridden; the C one cannot): a
     placeholder class is written as its recorded global without importing the module."""
 
+    _getattr_ok = False  # set while writing one allowlisted getattr(cls, name) record
+
+    def reducer_override(self, obj):
+        # builtins.getattr is inert only as the exact (class, method) lookups real records pickle; every
+        # record is checked here (its global is memoized after the first one, so save_global sees it once)
+        if isinstance(obj, Placeholder) and (obj.module, obj.name) == ("builtins", "getattr"):
+            if not is_inert_getattr(obj):
+                _refuse_unless_inert("builtins", "getattr")
+            self._getattr_ok = True
+        return NotImplemented
+
     def save_global(self, obj, name=None):
         ref = placeholder_global(obj)
         if ref is None:
@@ -51,7 +62,8 @@ class _Pickler(pickle._Pickler):
             _refuse_unless_inert(module, qualname)
             return super().save_global(obj, name)
         module, qualname = ref
-        _refuse_unless_inert(module, qualname)
+        if not (ref == ("builtins", "getattr") and self._getattr_ok):
+            _refuse_unless_inert(module, qualname)
         if self.proto >= 4:
             self.save(module)
             self.save(qualname)
