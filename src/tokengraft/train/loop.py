@@ -348,7 +348,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
                      processor=proc, is_new=is_new, base_rows=base_rows, log=log)
     if cfg.deepspeed:  # before DeepSpeed partitions the model (in trainer.train)
         parts.zero3 = zero3.Zero3Rows(model, plan.rows, base_rows)
-    callbacks = [Monitor(writer, eval_fn, cfg.eval_steps, log), RemapMoments(parts), CtrlC(), Diverged(parts)]
+    callbacks = [Diverged(parts), Monitor(writer, eval_fn, cfg.eval_steps, log), RemapMoments(parts), CtrlC()]
     if cfg.stop_after:
         callbacks.append(StopAfter(cfg.stop_after))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -139,9 +139,9 @@ def check_base_weights(base: Path, recorded: dict, warn=lambda *a: None, what: s
         if got.get(name) != recorded.get(name):
             how = ("is gone" if name not in got else "is new (transformers may load it instead)"
                    if name not in recorded else "differs from the one the run trained on")
-            raise RunError(f"base model folder {base}: weight file {name} {how} ({what} records "
-                           f"{len(recorded)} weight file(s) by fingerprint); use the base the run was trained "
-                           f"from (--model, or base_model in {RUN_FILE})")
+            raise RunError(f"base model folder {base} changed since training: weight file {name} {how} "
+                           f"({what} records {len(recorded)} weight file(s) by fingerprint); use the base the "
+                           f"run was trained from (--model, or base_model in {RUN_FILE})")
 
 
 # -- saving the trained parts -----------------------------------------------------------------
