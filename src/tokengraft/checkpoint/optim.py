@@ -49,8 +49,9 @@ def check_moments(opt: dict, shapes: dict, names: dict, how: str, param_names=No
                              f"the optimizer state does not match its parameters")
         moments = _moments_of(st)
         if len({s for _, s in moments}) > 1:
-            raise RemapError(f"optimizer state {i}: moments of different shapes ({', '.join(f'{n} {list(s)}' for n, s in moments)}); "
-                             f"they cannot belong to one parameter")
+            listing = ", ".join(f"{n} {list(s)}" for n, s in moments)
+            raise RemapError(f"optimizer state {i}: moments of different shapes ({listing}); they cannot belong "
+                             f"to one parameter")
         if not moments:
             continue
         n, shape = moments[0]

@@ -58,7 +58,8 @@ def register(subparsers, name):
                    help="folder with the target tokenizer (and usually config.json and tokengraft.json), or a "
                         "tokengraft.json alone when CHECKPOINT's tokenizer is the manifest's base vocabulary")
     add_output(p)
-    p.add_argument("--source-tokenizer", metavar="DIR", help="folder with the tokenizer CHECKPOINT was trained with (wins over a tokenizer inside CHECKPOINT)")
+    p.add_argument("--source-tokenizer", metavar="DIR",
+                   help="folder with the tokenizer CHECKPOINT was trained with (wins over a tokenizer inside CHECKPOINT)")
     p.add_argument("--source-tokens", metavar="'<a>,<b>'",
                    help="CHECKPOINT's vocabulary is TARGET's base plus these tokens, in id order")
     p.add_argument("--init", default="auto", choices=("auto", "mean", "hewitt", "subword", "zero"),
