@@ -135,7 +135,7 @@ def _disk_full(args, e: BaseException) -> str | None:
         return None
     out = next((v for k in ("output", "output_dir") if isinstance(v := getattr(args, k, None), str)), None)
     where = Path(getattr(e, "filename", None) or out or ".")
-    need = _weights_bytes(next((getattr(args, k) for k in ("model", "source", "folder", "checkpoint", "llm")
+    need = _weights_bytes(next((getattr(args, k) for k in ("model_dir", "model", "source", "checkpoint", "llm")
                                 if isinstance(getattr(args, k, None), str)), None))
     probe = next((p for p in [where, *where.parents] if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
