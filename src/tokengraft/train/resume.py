@@ -2,10 +2,11 @@
 optimizer moments through a token change with the checkpoint package's one moment remap."""
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 
+from ..files import field as read_field
+from ..files import read_json
 from ..vocab import RowMap
 from .config import TrainError
 from .params import NewRows
@@ -24,13 +25,9 @@ def check_checkpoint(ckpt: Path) -> None:
         if not (ckpt / name).is_file():
             raise TrainError(f"{ckpt}: no {name}; not a complete tokengraft checkpoint (was it cut off while "
                              f"saving?); resume from an earlier checkpoint-N with --resume PATH")
-    try:
-        step = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-        if not isinstance(step, int):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise TrainError(f"{ckpt / 'trainer_state.json'}: unreadable or without an integer global_step; "
-                         f"resume from an earlier checkpoint-N with --resume PATH") from None
+    state = ckpt / "trainer_state.json"
+    read_field(read_json(state, "a Trainer state (resume from an earlier checkpoint-N with --resume PATH)",
+                         error=TrainError, kind=dict), "global_step", int, str(state), lo=0, error=TrainError)
     for path in [ckpt / n for n in TORCH_FILES] + sorted(ckpt.glob("rng_state*.pth")):
         if path.is_file():
             _check_zip(path)
