@@ -18,9 +18,10 @@ not understand is an error, never silently loaded or dropped.
 CHECKPOINT may be a Hugging Face folder (single or sharded safetensors, .bin), a single
 .safetensors/.bin/.pt/.pth file, an XTuner/mmengine iter_N.pth file, an XTuner DeepSpeed folder
 (mp_rank_00_model_states.pt; its ZeRO-1/2 optimizer partitions are remapped exactly for the same
-world size, ZeRO-3 and tensor-parallel partitions are dropped with a note, and ZeRO-3 weights need
-`pip install deepspeed`) or a PEFT adapter folder.
-No code from a checkpoint ever runs (safetensors, or a restricted unpickler).
+world size, ZeRO-3 and tensor-parallel partitions are dropped with a note; ZeRO-3 weights are
+consolidated by tokengraft's own reader, as DeepSpeed's zero_to_fp32 does) or a PEFT adapter folder.
+No code from a checkpoint ever runs (safetensors, or a restricted unpickler), and an output names
+only pickled globals known to be inert: anything else is refused in one line naming it.
 
 The conversion streams: vocabulary-shaped tensors are read and written in row chunks, the other
 tensors of their shards are copied byte for byte, and shards without any are hard-linked (or
