@@ -7,13 +7,18 @@ transformers 5 writes some fields in a form older readers misread or cannot read
   100,000; logits differ by up to 7.8). We add ``rope_theta`` and ``rope_scaling`` beside it.
 - ``dtype`` only: 4.x reads ``torch_dtype``. We add it beside.
 - ``tokenizer_class: "TokenizersBackend"``: 4.x has no such class. ``PreTrainedTokenizerFast`` is
-  what 4.x and 5.x both read as "tokenizer.json as it is" (5.x maps it to TokenizersBackend).
+  what 4.x and 5.x both read as "tokenizer.json as it is" (5.x maps it to TokenizersBackend), with
+  TokenizersBackend's ``model_input_names`` (4.x's class default adds ``token_type_ids``).
 - ``extra_special_tokens`` as a list: 4.x crashes on it (it expects a dict of named tokens). We
   write the list as ``additional_special_tokens``, which 4.x reads and 5.x reads as the same list.
 - a LLaVA's image processor nested in ``processor_config.json`` and no ``preprocessor_config.json``:
   4.x's AutoProcessor fails (no file; then "multiple values for argument 'image_processor'").
   We write the image processor to ``preprocessor_config.json`` and keep the processor's own fields
   in ``processor_config.json``; 5.x reads that layout too.
+- a LLaVA's CLIP/SigLIP tower saved as ``vision_tower.embeddings.*`` (5.x's vision models have no
+  ``vision_model`` wrapper): 4.x finds none of its keys and runs a *random* tower, with only a
+  warning. We rename them ``vision_tower.vision_model.*`` (the hub's layout, which 5.x maps back
+  on load) in the safetensors headers; the tensor bytes are not touched.
 
 ``make_portable(folder)`` rewrites a folder save_pretrained just wrote (a temporary folder, before
 it is renamed into place); ``misreadings(folder)`` lists, for a folder someone else wrote, what an
@@ -24,6 +29,9 @@ written so that 4.48 fails loudly at load instead of reading something else. Std
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
 import warnings
 from pathlib import Path
 
@@ -33,6 +41,9 @@ OLD_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 # tokenizer classes only transformers 5 has; the fast tokenizer both read from tokenizer.json
 NEW_TOKENIZER_CLASSES = ("TokenizersBackend",)
 FAST = "PreTrainedTokenizerFast"
+# what TokenizersBackend returns; 4.x's PreTrainedTokenizerFast adds token_type_ids by default,
+# which LLaVA's forward refuses (model(**processor(...)) fails under 4.48)
+FAST_INPUTS = ["input_ids", "attention_mask"]
 # tokenizer files whose special-token lists 4.x reads
 SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
@@ -105,6 +116,9 @@ def _portable_specials(folder: Path) -> None:
         if name == "tokenizer_config.json" and d.get("tokenizer_class") in NEW_TOKENIZER_CLASSES \
                 and (folder / "tokenizer.json").is_file():
             d["tokenizer_class"] = FAST
+            d.setdefault("model_input_names", FAST_INPUTS)
+        if name == "tokenizer_config.json" and d.get("tokenizer_class") == FAST:  # also as 4.x itself saves it
+            d.setdefault("model_input_names", FAST_INPUTS)
         if isinstance(extra, list):
             old = [t for t in d.get("additional_special_tokens") or [] if t not in extra]
             d["additional_special_tokens"] = old + extra
@@ -125,6 +139,60 @@ def _portable_processor(folder: Path) -> None:
     _write(folder / "processor_config.json", pc)
 
 
+# vision towers whose 4.x class wraps its weights in ``vision_model``
+WRAPPED_TOWERS = ("clip_vision_model", "siglip_vision_model")
+TOWER, WRAPPED = "vision_tower.", "vision_tower.vision_model."
+
+
+def _tower_key(k: str) -> str:
+    return WRAPPED + k[len(TOWER):] if k.startswith(TOWER) and not k.startswith(WRAPPED) else k
+
+
+def _rename_keys(path: Path) -> None:
+    """Rewrite a safetensors file's header with ``_tower_key`` names; data offsets are relative
+    to the data section, so its bytes are copied unchanged (streamed, never decoded)."""
+    with open(path, "rb") as src:
+        n = struct.unpack("<Q", src.read(8))[0]
+        header = json.loads(src.read(n))
+        new = {_tower_key(k): v for k, v in header.items()}
+        if list(new) == list(header):
+            return
+        raw = json.dumps(new, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data stays 8-byte aligned
+        tmp = path.with_name(path.name + ".portable")
+        with open(tmp, "wb") as dst:
+            dst.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(src, dst, 16 << 20)
+    os.replace(tmp, path)
+
+
+def _wrapped_tower(cfg) -> bool:
+    vision = cfg.get("vision_config") if isinstance(cfg, dict) else None
+    return isinstance(vision, dict) and vision.get("model_type") in WRAPPED_TOWERS
+
+
+def _weight_keys(folder: Path) -> list[str]:
+    index = _read(folder / "model.safetensors.index.json")
+    if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+        return list(index["weight_map"])
+    keys = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as src:
+            keys += list(json.loads(src.read(struct.unpack("<Q", src.read(8))[0])))
+    return keys
+
+
+def _portable_weights(folder: Path) -> None:
+    if not _wrapped_tower(_read(folder / "config.json")):
+        return
+    for f in sorted(folder.glob("*.safetensors")):
+        _rename_keys(f)
+    index = _read(folder / "model.safetensors.index.json")
+    if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+        index["weight_map"] = {_tower_key(k): v for k, v in index["weight_map"].items()}
+        _write(folder / "model.safetensors.index.json", index)
+
+
 def make_portable(folder) -> list[str]:
     """Rewrite the config, tokenizer and processor files of ``folder`` (one tokengraft just wrote)
     so transformers 4.48 ... 5.x read the same thing; the 5.x keys stay. Returns, and warns
@@ -133,6 +201,7 @@ def make_portable(folder) -> list[str]:
     notes = _portable_config(folder)
     _portable_specials(folder)
     _portable_processor(folder)
+    _portable_weights(folder)
     for n in notes:
         warnings.warn(n, PortabilityWarning, stacklevel=2)
     return notes
@@ -190,6 +259,13 @@ def misreadings(folder) -> list[str]:
         if isinstance(d, dict) and isinstance(d.get("extra_special_tokens"), list):
             out.append(f"{name}: transformers {OLDEST} fails to load the tokenizer (extra_special_tokens is a "
                        f"list; 4.x expects additional_special_tokens)")
+    try:
+        bare = _wrapped_tower(cfg) and any(_tower_key(k) != k for k in _weight_keys(folder))
+    except (OSError, ValueError, struct.error):  # a damaged weights file: doctor's weight checks say so
+        bare = False
+    if bare:
+        out.append(f"weights: the vision tower is saved as vision_tower.* without vision_model.: transformers 4.x "
+                   f"finds none of its weights and runs a randomly initialized tower (a warning only)")
     if isinstance(cfg, dict) and "vision_config" in cfg and "text_config" in cfg \
             and not (folder / "preprocessor_config.json").is_file():
         out.append(f"no preprocessor_config.json: transformers {OLDEST}'s AutoProcessor cannot load this LLaVA's "
