@@ -40,7 +40,17 @@ is renamed into place) and compares it with the merged model in memory, computed
   - a tied model loads tied, an untied one untied.
 For --dtype bf16/fp16 the comparison is against the merged model rounded to that dtype (the same
 1e-5 tolerance); the rounding drift itself, against the fp32 merged model, is printed, not failed.
-Any problem prints one line each and exits non-zero; nothing is written."""
+Any problem prints one line each and exits non-zero; nothing is written.
+
+--verify-python PYTHON runs that reload under another interpreter: the environment that will load
+the export (XTuner's venv with transformers 4.48, vLLM's with 5.20, ...), so the check proves the
+folder where it is used. tokengraft need not be installed there (this tokengraft is put on its
+path); it needs torch, transformers, safetensors and pillow. Across versions the logit tolerance
+is 1e-4 (docs/compat.md has the measured differences).
+
+Every folder is written so transformers 4.48 ... 5.x read the same thing (rope_theta beside
+rope_parameters, torch_dtype, a tokenizer class 4.x knows, preprocessor_config.json: docs/compat.md);
+exporting a folder transformers 5 wrote elsewhere is how `doctor`'s old-transformers warnings are fixed."""
 
 EPILOG = """\
 examples:
@@ -48,6 +58,7 @@ examples:
   tokengraft export runs/grounding/checkpoint-200 -o ./ck200 --dtype bf16 --max-shard-size 2GB
   tokengraft export ./llava-grafted --adapter ./my-lora -o ./llava-merged --verify
   tokengraft export runs/internlm2-run -o ./internlm2-new --layout internlm2 --verify   # for XTuner / LMDeploy
+  tokengraft export ./llava-box -o ./for-xtuner --verify --verify-python ~/venvs/xtuner/bin/python
 
 exit status: 0 on success; 1 when --verify finds a difference; 2 on bad input (one-line reason).
 docs: docs/export.md"""
@@ -64,6 +75,9 @@ def register(subparsers, name):
     add_max_shard_size(p)
     p.add_argument("--verify", action="store_true",
                    help="reload OUT with plain transformers in a fresh process and compare (see above)")
+    p.add_argument("--verify-python", metavar="PYTHON",
+                   help="with --verify: run the reload under this interpreter (the consumer's environment, e.g. "
+                        "XTuner's venv/bin/python with transformers 4.48); tolerance 1e-4 across versions")
     p.add_argument("--layout", choices=("llama", "internlm2"), default="llama",
                    help="llama (default): the layout transformers, vLLM and llama.cpp read; internlm2: a model read "
                         "from an InternLM2 folder written back in that folder's own layout (packed wqkv, original "
@@ -96,5 +110,5 @@ def run(args) -> int:
         inputs["base model (run.json)" + (f" #{i + 1}" if i else "")] = b
     check_inputs(args.output, args.overwrite, inputs)
     export(args.source, args.output, adapter=args.adapter, dtype=args.dtype, max_shard_size=args.max_shard_size,
-           overwrite=args.overwrite, verify_output=args.verify, layout=args.layout)
+           overwrite=args.overwrite, verify_output=args.verify, layout=args.layout, verify_python=args.verify_python)
     return 0

@@ -73,7 +73,10 @@ def run(work: Path) -> None:
                 g = model.generate(**inputs, max_new_tokens=req["gen_tokens"], do_sample=False)
                 tensors[f"gen{i}"] = g[0, n:].contiguous()
     save_file(tensors, str(work / "result.safetensors"))
-    (work / "result.json").write_text(json.dumps({"problems": problems, "tied": tied}), encoding="utf-8")
+    import transformers
+
+    result = {"problems": problems, "tied": tied, "transformers": transformers.__version__}
+    (work / "result.json").write_text(json.dumps(result), encoding="utf-8")
 
 
 def main(argv=None) -> int:

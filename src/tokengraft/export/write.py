@@ -12,11 +12,12 @@ import torch
 
 from ..hf import DTYPES, finalize
 from ..outdir import atomic_folder
+from ..portable import make_portable
 from ..manifest import Manifest
 from .errors import ExportError
 from .layout import LAYOUTS, export_internlm2_layout
 from .source import check_finite, load_source
-from .verify import VerifyError, VerifyReport, probe_logits, verify
+from .verify import VerifyError, VerifyReport, check_python, probe_logits, verify
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ExportReport:
 
 
 def export(source, out, *, adapter=None, dtype: str = "fp32", max_shard_size="5GB", overwrite: bool = False,
-           verify_output: bool = False, layout: str = "llama", log=print) -> ExportReport:
+           verify_output: bool = False, layout: str = "llama", verify_python=None, log=print) -> ExportReport:
     """Write ``source`` (run, checkpoint, or model folder [+ adapter]) to ``out`` as one full checkpoint.
 
     With ``verify_output`` the written folder is reloaded in a fresh process and compared, *before*
@@ -49,9 +50,17 @@ def export(source, out, *, adapter=None, dtype: str = "fp32", max_shard_size="5G
     ``out`` and raises :class:`VerifyError`.
 
     ``layout="internlm2"`` writes a model read from an InternLM2 folder back in that folder's own
-    layout and dtype (:mod:`.layout`); ``dtype`` and ``max_shard_size`` then do not apply."""
+    layout and dtype (:mod:`.layout`); ``dtype`` and ``max_shard_size`` then do not apply.
+
+    ``verify_python``: the reload of ``verify_output`` runs under that interpreter (the consumer's
+    environment, e.g. XTuner's with transformers 4.48) instead of this one."""
     if layout not in LAYOUTS:
         raise ExportError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if verify_python is not None:
+        if not verify_output or layout != "llama":
+            raise ExportError("--verify-python: needs --verify and the llama layout (the internlm2 layout is "
+                              "checked through tokengraft's own InternLM2 bridge)")
+        verify_python = check_python(verify_python)
     _check_args(source, out, dtype, overwrite)
     model, tokenizer, processor, manifest, kind = load_source(source, adapter, log=log)
     if layout == "internlm2":
@@ -66,7 +75,7 @@ def export(source, out, *, adapter=None, dtype: str = "fp32", max_shard_size="5G
         reference = peft_reference(source, adapter)
     return export_model(model, tokenizer, processor, manifest, out, source=source, kind=kind, adapter=adapter,
                         dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                        verify_output=verify_output, reference=reference, log=log)
+                        verify_output=verify_output, reference=reference, verify_python=verify_python, log=log)
 
 
 def peft_reference(base, adapter):
@@ -94,7 +103,7 @@ def _check_args(source, out, dtype, overwrite) -> None:
 
 def export_model(model, tokenizer, processor, manifest: Manifest | None, out, *, source=None, kind: str = "memory",
                  adapter=None, dtype: str = "fp32", max_shard_size="5GB", overwrite: bool = False,
-                 verify_output: bool = False, reference=None, log=print) -> ExportReport:
+                 verify_output: bool = False, reference=None, verify_python=None, log=print) -> ExportReport:
     """Export an in-memory (already merged, fp32) model; ``export`` is this after loading a source.
     The model's config and generation config are updated in place (they describe what is written).
     ``reference``: an independent model the reload must equal (fp32), e.g. PEFT's load of an adapter."""
@@ -125,6 +134,7 @@ def export_model(model, tokenizer, processor, manifest: Manifest | None, out, *,
             processor.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _carry_sentencepiece(manifest, tmp)
+        make_portable(tmp)  # before verify: the child reads what old transformers will read
         manifest.save(tmp)
         report_v = None
         if verify_output:
@@ -134,7 +144,8 @@ def export_model(model, tokenizer, processor, manifest: Manifest | None, out, *,
             independent = reference is not None and target == torch.float32
             report_v = verify(tmp, reference if independent else model, tokenizer, processor, manifest=manifest,
                               tied=manifest.tied,
-                              reference="PEFT load of the adapter" if independent else "merged model in memory")
+                              reference="PEFT load of the adapter" if independent else "merged model in memory",
+                              python=verify_python)
             if merge_problem:
                 report_v.problems.append(merge_problem)
                 report_v.ok = False
