@@ -180,3 +180,18 @@ def test_exit_code_and_details_come_from_the_error_class(tmp_path):
 def test_argparse_errors_are_one_line(argv, needle):
     r = tg(*argv)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(needle), r.stderr
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ('tokens: [{content: "<a>", stop: "false"}]', "token entry 0: field 'stop' must be true or false"),
+    ('tokens: "<a>"\nlora_targets: [1]', "lora_targets [1]: expected a list of module names"),
+    ('tokens: "<a>"\nlr: 1e30', "lr 1e+30: expected a number > 0 and <= 10"),
+    ('tokens: "<a>"\nsteps: 5', "unknown key(s) steps"),
+])
+def test_train_yaml_values_are_checked_before_any_model_loads(tmp_path, extra, needle):
+    (tmp_path / "d.json").write_text("[]")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tmp_path}\ndata: {tmp_path / 'd.json'}\noutput_dir: {tmp_path / 'run'}\n{extra}\n")
+    r = tg("train", cfg)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+    assert r.stderr.startswith("tokengraft train: error: ") and not (tmp_path / "run").exists()

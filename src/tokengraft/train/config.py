@@ -106,6 +106,15 @@ class TrainConfig:
                 raise TrainError(f"{key} {v}: {problem} (--{_flag(key)})")
         if not 0 <= self.lora_dropout < 1:
             raise TrainError(f"lora_dropout {self.lora_dropout}: expected 0 <= p < 1 (--lora-dropout)")
+        if self.lora_targets is not None and not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise TrainError(f"lora_targets {self.lora_targets!r}: expected a list of module names (strings) "
+                             f"(--lora-targets q_proj,v_proj)")
+        if isinstance(self.tokens, list) or self.tokens_file:  # the tokens-file schema, before any model loads
+            from ..tokenspec import parse_tokens
+
+            if self.tokens_file:
+                _file("tokens_file", self.tokens_file)
+            parse_tokens(self.tokens if isinstance(self.tokens, list) else None, self.tokens_file)
         _folder("model", self.model)
         _file("data", self.data)
         if self.image_folder is not None:
