@@ -264,10 +264,10 @@ def misreadings(folder) -> list[str]:
     except (OSError, ValueError, struct.error):  # a damaged weights file: doctor's weight checks say so
         bare = False
     if bare:
-        out.append(f"weights: the vision tower is saved as vision_tower.* without vision_model.: transformers 4.x "
+        out.append(f"*.safetensors: the vision tower is saved as vision_tower.* without vision_model.: transformers 4.x "
                    f"finds none of its weights and runs a randomly initialized tower (a warning only)")
     if isinstance(cfg, dict) and "vision_config" in cfg and "text_config" in cfg \
             and not (folder / "preprocessor_config.json").is_file():
-        out.append(f"no preprocessor_config.json: transformers {OLDEST}'s AutoProcessor cannot load this LLaVA's "
-                   f"processor")
+        out.append(f"preprocessor_config.json: missing; transformers {OLDEST}'s AutoProcessor cannot load this "
+                   f"LLaVA's processor without it")
     return out
