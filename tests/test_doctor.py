@@ -385,13 +385,14 @@ def test_manifest_fingerprint_mismatch(grafted, tmp_path):
 
 def test_manifest_token_id_mismatch(grafted, tmp_path):
     d = variant(grafted[0], tmp_path / "g")
-    edit_json(d / "tokengraft.json", lambda m: m["tokens"][1].update(id=49155))
+    # an id no other token has, inside the rows (a shared id or one past the rows is manifest-invalid)
+    edit_json(d / "tokengraft.json", lambda m: m["tokens"][1].update(id=49200))
     m = only(check_folder(d), "manifest-token-mismatch").message
-    assert "'</box>' is recorded at id 49155 but has id 49153" in m
+    assert "'</box>' is recorded at id 49200 but has id 49153" in m
 
 
 @pytest.mark.parametrize("edit,code,expect", [
-    ({"rows": 49152}, "manifest-rows-mismatch", "records 49152 rows but model.embed_tokens.weight has 49216"),
+    ({"rows": 49280}, "manifest-rows-mismatch", "records 49280 rows but model.embed_tokens.weight has 49216"),
     ({"tied": False}, "manifest-tied-mismatch", "records tied=false but the weights are tied"),
 ])
 def test_manifest_vs_weights(grafted, tmp_path, edit, code, expect):
