@@ -57,7 +57,11 @@ def _read(path: Path):
 
 
 def _write(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Rewrite only when the meaning changed: a file that already says everything stays byte-identical
+    (an InternLM2 folder's config keeps its remote-code layout), and key order is kept."""
+    if path.is_file() and _read(path) == data:
+        return
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _config_dicts(cfg: dict, where: str = "config.json"):
