@@ -421,7 +421,7 @@ def test_special_token_split(grafted, tmp_path):
 # -- KL ---------------------------------------------------------------------------------------
 
 def test_kl_of_grafted_rows(grafted):
-    from tokengraft.probe import head_inputs, kl_base_vs_grafted, real_text
+    from tokengraft.probe import head_inputs, kl_of_rows, mass_of, real_text
 
     _, model, tok, manifest = grafted
     hidden = head_inputs(model, tok, real_text()[:3], max_tokens=256)  # a few hundred positions suffice
@@ -434,7 +434,9 @@ def test_kl_of_grafted_rows(grafted):
     new = [t.id for t in manifest.tokens]
     keep = torch.ones(w.shape[0], dtype=torch.bool)
     keep[new] = False
-    direct, mass = kl_base_vs_grafted(hidden, w[keep], torch.cat([w[keep], w[new]]))
+    n = int(keep.sum())
+    kl = kl_of_rows(hidden, torch.cat([w[keep], w[new]]), list(range(n, n + len(new))))
+    direct, mass = float(kl.mean()), mass_of(kl)
     assert k.data["kl_mean"] == pytest.approx(direct, rel=0.05, abs=1e-9)
     assert k.data["max_mass"] == pytest.approx(mass, rel=0.05, abs=1e-9)
     assert only(doctor.kl_findings(model, tok, None), "kl-skipped").severity == "info"

@@ -107,17 +107,6 @@ def mass_of(kl: torch.Tensor) -> float:
     return float(-torch.expm1(-kl.max())) if kl.numel() else 0.0
 
 
-def kl_base_vs_grafted(hidden: torch.Tensor, base_weight: torch.Tensor, grafted_weight: torch.Tensor,
-                       new_rows: list[int] | None = None) -> tuple[float, float]:
-    """Deprecated (kept until tests/test_doctor.py moves to :func:`kl_of_rows`): (mean KL, largest
-    mass) of the grafted head against its own rows without ``new_rows`` (default: the rows beyond
-    ``base_weight``'s)."""
-    n = base_weight.shape[0]
-    new = list(range(n, grafted_weight.shape[0])) if new_rows is None else list(new_rows)
-    kl = kl_of_rows(hidden, grafted_weight, new)
-    return float(kl.mean()), mass_of(kl)
-
-
 def heldout_text() -> list[str]:
     """Prose disjoint from :func:`real_text` (which calibration sees): more standard-library
     docstrings, for measuring invisibility on text the graft never looked at."""

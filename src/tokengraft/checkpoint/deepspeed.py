@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..vocab import RowMap
+from .errors import CheckpointError
 from .repickle import safe_save
 from .safe_pickle import safe_load
 
@@ -47,7 +48,7 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 _OSD = "optimizer_state_dict"
 
 
-class NotRepresentable(Exception):
+class NotRepresentable(CheckpointError):
     """A partition layout this module does not rebuild exactly (the caller drops the files)."""
 
 

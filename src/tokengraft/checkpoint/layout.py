@@ -3,13 +3,11 @@
 A tensor is vocabulary-shaped when its *name* says so (an input embedding, an output head, a LoRA
 factor or PEFT copy of one) and its *shape* agrees (a dimension equal to the source rows). A tensor
 with a vocabulary-sized dimension that no rule explains is an error: never silently loaded or
-dropped. Pure Python over names and shapes (torch only to compare tensors).
+dropped. Pure Python over names and shapes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from .errors import RemapError
 
@@ -108,10 +106,6 @@ def identical_pairs(found: dict, equal) -> list[tuple[str, str]]:
     ins = [v for v in found.values() if v is not None and v.kind == "weight" and v.side == "input"]
     outs = [v for v in found.values() if v is not None and v.kind == "weight" and v.side == "output"]
     return [(i.key, o.key) for i in ins for o in outs if equal(i.key, o.key)]
-
-
-def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and (a.data_ptr() == b.data_ptr() or torch.equal(a, b))
 
 
 def has_trainable_tokens(shapes) -> bool:

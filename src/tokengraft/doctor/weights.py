@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import TokengraftError
 from ..checkpoint.weight_files import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, weight_files
 
 
-class WeightsMissing(Exception):
+class WeightsMissing(TokengraftError):
     """The folder holds no weights, or its index names a shard that is not there."""
 
 
