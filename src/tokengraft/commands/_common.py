@@ -14,7 +14,7 @@ HELP = {
                  "any other folder is refused",
     "tokens": "comma-separated tokens, e.g. '<box>,</box>'",
     "tokens_file": "YAML/JSON list of tokens with options (content, description, role, special, init, stop)",
-    "init": "override every token's init: auto|mean|hewitt|subword|describe|copy:TOK",
+    "init": "override every token's init: auto|mean|hewitt|subword|describe|distill|copy:TOK",
     "dtype": "weights dtype of OUT (default fp32)",
     "max_shard_size": "largest safetensors file in OUT: 5GB (default), 500MB, 2GiB, ... (1MB to 1TB)",
 }

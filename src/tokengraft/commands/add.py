@@ -25,6 +25,7 @@ def register(sub, name):
                "  hewitt    mean + small noise shaped like the rows' covariance\n"
                "  subword   mean of the rows of the pieces the base tokenizer splits the token into\n"
                "  describe  mean of the pieces of the token's description (tokens file)\n"
+               "  distill   input row fitted so the token acts like its description (needs one)\n"
                "  copy:TOK  the row of an existing token\n\n"
                "tokens file (YAML or JSON): a list of strings or mappings with keys\n"
                "  content, description, role (generate|input), special (bool), init, stop (bool)\n\n"

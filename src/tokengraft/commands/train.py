@@ -16,7 +16,7 @@ HELP = {  # config key -> (metavar, help)
     "eval_holdout": ("N", "without --eval-data: hold out the last N training records for eval"),
     "tokens": ("LIST", "tokens to add and train: '<box>,</box>' or \"from-data PATTERN\" (every match in the data)"),
     "tokens_file": ("FILE", "YAML/JSON tokens file (content, description, role, init, stop)"),
-    "init": ("METHOD", "override every token's init: auto|mean|hewitt|subword|describe|copy:TOK"),
+    "init": ("METHOD", "override every token's init: auto|mean|hewitt|subword|describe|distill|copy:TOK"),
     "pad_to_multiple_of": ("N", "when rows must grow, round up to a multiple of N (default 64)"),
     "mode": ("MODE", "rows | lora | full (default rows; see MODES below)"),
     "template": ("NAME", "chat template: tokenizer (its own) | vicuna | chatml | internlm2 | llama3"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import TokengraftError
 from ..files import out_of_range
-from ..init import METHODS as INIT_METHODS
+from ..init import FOR_GRAFT as INIT_METHODS  # train grafts: "zero" is for conversion only
 from ..manifest import MAX_PAD_MULTIPLE
 from .data import TEMPLATES
 from .params import MODES
