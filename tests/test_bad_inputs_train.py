@@ -131,12 +131,19 @@ def test_image_record_with_only_a_gpt_turn(model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _sigint_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(cmd, ready, timeout=300):
     """Start ``cmd``, wait until ``ready()`` holds, then send SIGINT (Ctrl-C) and collect it."""
     # PYTHONFAULTHANDLER: if the run ignores the Ctrl-C, SIGABRT makes it print every thread's stack,
     # so a failure shows where it was stuck instead of a bare timeout
+    # the child gets Ctrl-C as a terminal's foreground job does, even when this suite runs under a
+    # parent that ignores SIGINT (`make test &`, a nohup'd CI): an ignored SIGINT is inherited, and
+    # train honours it on purpose (test_signal_checks_pass_under_a_parent_that_ignores_sigint)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "PYTHONFAULTHANDLER": "1"})
+                            env={**ENV, "PYTHONFAULTHANDLER": "1"}, preexec_fn=_sigint_default)
     t0 = time.time()
     while not ready():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
