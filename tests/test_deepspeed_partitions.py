@@ -237,14 +237,15 @@ def real_zero3(tmp_path_factory):
     """DeepSpeed itself (this venv's, CPU, gloo, 2 ranks, ZeRO-3, bf16) trains 2 steps and saves:
     one zero_pp_rank_R model states and one bf16_zero_pp_rank_R optimizer file per rank."""
     d = tmp_path_factory.mktemp("real_zero3")
-    for attempt in range(2):  # the free port can be taken between its choice and gloo's bind: one new port
+    # DeepSpeed's 2-process CPU start-up failed once in a full CI run (exit 1, stderr unseen) and passed on
+    # every rerun; the free port can also be taken before gloo binds it: one more try on a new port,
+    # then the failure shows DeepSpeed's own stderr (a real regression fails both tries)
+    for _ in range(2):
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(_free_port()), "ZERO_STAGE": "3"}
         r = subprocess.run([sys.executable, str(Path(__file__).with_name("zero_engine.py")), "save", "40",
                             str(d / "ck"), str(d / "before.pt")], timeout=900, capture_output=True, text=True, env=env)
         if r.returncode == 0:
             return d
-        if "address already in use" not in r.stderr.lower():
-            break
     pytest.fail(f"DeepSpeed's ZeRO-3 save failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
 
 
